@@ -1,0 +1,189 @@
+"""Attach Tune-A-Video's attention to a ComfyUI MODEL (a ModelPatcher), without touching the base.
+
+- Self-attention of every transformer block -> frame attention, via set_model_attn1_replace.
+- Temporal attention after each block's feed-forward and frame-shared GroupNorm in res blocks and
+  the output norm: forward hooks that exist only while *this* model's UNet runs (registered and
+  removed by a DIFFUSION_MODEL wrapper), so the shared module tree is never left modified and other
+  clones of the checkpoint never see them. State-dict keys of the base model do not change.
+- Temporal attention weights live in a module tree owned by the patch, loaded to ComfyUI's compute
+  device with the model as an additional model.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_patcher
+import comfy.ops
+import comfy.patcher_extension
+from comfy.ldm.modules.attention import BasicTransformerBlock
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
+
+from .frame_attention import MODES, frame_attention
+from .frame_norm import clip_group_norm
+from .layout import clip_layout
+from .temporal_attention import TemporalAttention, TemporalAttentionSet
+
+PATCH_KEY = "tune_a_video"
+SUPPORTED = "SD1.x, SD2.x and SDXL (UNets with ComfyUI's standard transformer blocks)"
+
+
+@dataclass(frozen=True)
+class TAVConfig:
+    attention_mode: str = "sparse_causal"
+    window_radius: int = 1
+    temporal_attention: bool = True
+    frame_shared_norm: bool = True
+
+
+def unet_of(model) -> UNetModel:
+    """The patchable UNet of a ModelPatcher, or a clear error naming what is supported."""
+    inner = getattr(model, "model", None)
+    unet = getattr(inner, "diffusion_model", None)
+    family = type(getattr(inner, "model_config", inner)).__name__
+    if not isinstance(unet, UNetModel) or getattr(unet, "use_temporal_resblocks", False):
+        raise ValueError(f"Tune-A-Video supports {SUPPORTED}; this model is {family} "
+                         f"({type(unet).__name__}). Load an SD1.5, SD2 or SDXL checkpoint.")
+    return unet
+
+
+def transformer_blocks(unet: UNetModel):
+    """(module path, ComfyUI patch key (block_name, number, transformer_index), block) per block."""
+    for path, module in unet.named_modules():
+        if isinstance(module, BasicTransformerBlock):
+            parts = path.split(".")
+            index = int(parts[-1])
+            if parts[0] == "input_blocks":
+                key = ("input", int(parts[1]), index)
+            elif parts[0] == "middle_block":
+                key = ("middle", 0, index)
+            elif parts[0] == "output_blocks":
+                key = ("output", int(parts[1]), index)
+            else:
+                continue
+            yield path, key, module
+
+
+def frame_norm_paths(unet: UNetModel) -> list[str]:
+    """GroupNorms that TAV's inflated UNet applies over a whole clip: res blocks and the output."""
+    paths = []
+    for path, module in unet.named_modules():
+        if isinstance(module, ResBlock):
+            paths += [f"{path}.in_layers.0", f"{path}.out_layers.0"]
+    paths.append("out.0")
+    return [p for p in paths if isinstance(unet.get_submodule(p), torch.nn.GroupNorm)]
+
+
+def build_temporal_attention(unet: UNetModel, dtype=None, seed: int = 0) -> TemporalAttentionSet:
+    """A fresh (zero-output) TemporalAttention for every transformer block, seeded init."""
+    temporal = TemporalAttentionSet()
+    generator = torch.Generator().manual_seed(seed)
+    for path, _, block in transformer_blocks(unet):
+        dim = block.attn1.to_q.in_features
+        module = TemporalAttention(dim, block.n_heads, block.d_head, dtype=dtype)
+        module.reset_parameters(generator)
+        temporal.add(path, module)
+    return temporal
+
+
+class TAVPatch:
+    """What one TuneAVideoApplyAttention attaches to a model; shared (not copied) by its clones."""
+
+    def __init__(self, config: TAVConfig, blocks: list[tuple[str, tuple]], norm_paths: list[str],
+                 temporal: TemporalAttentionSet | None):
+        self.config = config
+        self.blocks = blocks
+        self.norm_paths = norm_paths
+        self.temporal = temporal
+
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone deep-copies model_options (where attn1_replace lives); keep one patch.
+        return self
+
+    def attn1_replace(self, q, k, v, extra_options):
+        layout = clip_layout(q.shape[0], extra_options)
+        return frame_attention(q, k, v, extra_options["n_heads"], layout.chunks, layout.positions,
+                               self.config.attention_mode, self.config.window_radius,
+                               attn_precision=extra_options.get("attn_precision"))
+
+    def diffusion_model_wrapper(self, executor, x, timesteps, context, y, control,
+                                transformer_options, **kwargs):
+        unet = executor.class_obj
+        layout = clip_layout(x.shape[0], transformer_options)
+        handles = []
+        try:
+            if self.temporal is not None:
+                for path, _ in self.blocks:
+                    hook = functools.partial(_temporal_hook, self.temporal.block(path), layout.frames)
+                    handles.append(unet.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
+            if self.config.frame_shared_norm and layout.frames > 1:
+                hook = functools.partial(_norm_hook, layout.chunks)
+                handles += [unet.get_submodule(p).register_forward_hook(hook) for p in self.norm_paths]
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def temporal_state_dict(self) -> dict[str, torch.Tensor]:
+        """Temporal attention weights, keyed `<unet block path>.{attn_temp,norm_temp}.<param>`."""
+        return {} if self.temporal is None else self.temporal.state_dict()
+
+
+def _temporal_hook(module: TemporalAttention, frames: int, block, args, kwargs, output):
+    return module(output, frames, kwargs.get("transformer_options"))
+
+
+def _norm_hook(chunks: int, norm: torch.nn.GroupNorm, args, output):
+    x = args[0]
+    if hasattr(norm, "weight_function"):  # a comfy op: weights may be patched, offloaded or cast
+        weight, bias, stream = comfy.ops.cast_bias_weight(norm, x, offloadable=True)
+        y = clip_group_norm(x, chunks, norm.num_groups, weight, bias, norm.eps)
+        comfy.ops.uncast_bias_weight(norm, weight, bias, stream)
+        return y
+    weight = None if norm.weight is None else norm.weight.to(x)
+    bias = None if norm.bias is None else norm.bias.to(x)
+    return clip_group_norm(x, chunks, norm.num_groups, weight, bias, norm.eps)
+
+
+def get_tav_patch(model) -> TAVPatch | None:
+    """The Tune-A-Video patch carried by a MODEL, if any."""
+    return model.get_attachment(PATCH_KEY)
+
+
+def apply_tav(model, config: TAVConfig) -> "comfy.model_patcher.ModelPatcher":
+    """A clone of `model` carrying Tune-A-Video's attention. The input model is left untouched.
+
+    Re-applying to an already patched model replaces its mode/switches and keeps its (possibly
+    tuned) temporal attention weights.
+    """
+    if config.attention_mode not in MODES:
+        raise ValueError(f"attention_mode must be one of {', '.join(MODES)}, got {config.attention_mode!r}")
+    if config.window_radius < 0:
+        raise ValueError(f"window_radius must be >= 0, got {config.window_radius}")
+    unet = unet_of(model)
+    blocks = list(transformer_blocks(unet))
+    if not blocks:
+        raise ValueError(f"Tune-A-Video found no transformer blocks in this UNet; it supports {SUPPORTED}.")
+
+    previous = get_tav_patch(model)
+    temporal = None
+    if config.temporal_attention:
+        temporal = previous.temporal if previous is not None and previous.temporal is not None else None
+        if temporal is None:
+            temporal = build_temporal_attention(unet, dtype=model.model.get_dtype())
+    patch = TAVPatch(config, [(path, key) for path, key, _ in blocks], frame_norm_paths(unet), temporal)
+
+    m = model.clone()
+    for _, key, _ in blocks:
+        m.set_model_attn1_replace(patch.attn1_replace, *key)
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY,
+                           patch.diffusion_model_wrapper)
+    m.remove_additional_models(PATCH_KEY)
+    if temporal is not None:
+        m.set_additional_models(PATCH_KEY, [comfy.model_patcher.ModelPatcher(
+            temporal, load_device=model.load_device, offload_device=model.offload_device)])
+    m.set_attachments(PATCH_KEY, patch)
+    return m

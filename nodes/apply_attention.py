@@ -1,0 +1,35 @@
+"""TuneAVideoApplyAttention: turn a loaded SD UNet into Tune-A-Video's inflated video UNet."""
+from ..attention_patches.frame_attention import MODES
+from ..attention_patches.unet_patch import TAVConfig, apply_tav
+
+
+class TuneAVideoApplyAttention:
+    DESCRIPTION = ("Patches a copy of the model for video: self-attention becomes cross-frame attention "
+                   "and a temporal attention layer follows every transformer block's feed-forward. "
+                   "A latent batch of F frames is one clip. The input model is left untouched.")
+    CATEGORY = "Tune-A-Video"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A clone of the model carrying Tune-A-Video's attention patches.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD1.x, SD2.x or SDXL model (e.g. from Load Checkpoint)."}),
+            "attention_mode": (list(MODES), {"default": "sparse_causal", "tooltip":
+                "Which frames each frame's self-attention sees. sparse_causal: first + previous frame "
+                "(Tune-A-Video). first_frame: frame 0 only. causal: all earlier frames. full: every "
+                "frame (memory grows with frames squared). window: frames within ±window_radius plus frame 0."}),
+            "window_radius": ("INT", {"default": 2, "min": 0, "max": 64, "tooltip":
+                "Only for attention_mode=window: how many neighbouring frames on each side are seen."}),
+            "temporal_attention": ("BOOLEAN", {"default": True, "tooltip":
+                "Add Tune-A-Video's temporal attention after each feed-forward. Untuned it changes nothing "
+                "(zero-initialised output); tuning or a loaded adapter gives it weights."}),
+            "frame_shared_norm": ("BOOLEAN", {"default": True, "tooltip":
+                "Normalise res-block and output GroupNorms over all frames of a clip together, as "
+                "Tune-A-Video's inflated UNet does. Off: per-frame statistics (image model behaviour)."}),
+        }}
+
+    def apply(self, model, attention_mode, window_radius, temporal_attention, frame_shared_norm):
+        config = TAVConfig(attention_mode, window_radius, temporal_attention, frame_shared_norm)
+        return (apply_tav(model, config),)

