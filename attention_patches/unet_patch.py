@@ -152,11 +152,12 @@ def get_tav_patch(model) -> TAVPatch | None:
     return model.get_attachment(PATCH_KEY)
 
 
-def apply_tav(model, config: TAVConfig) -> "comfy.model_patcher.ModelPatcher":
+def apply_tav(model, config: TAVConfig, temporal_weights: dict | None = None):
     """A clone of `model` carrying Tune-A-Video's attention. The input model is left untouched.
 
     Re-applying to an already patched model replaces its mode/switches and keeps its (possibly
-    tuned) temporal attention weights.
+    tuned) temporal attention weights. `temporal_weights` (a temporal_state_dict(), e.g. tuned or
+    from an adapter) gives the clone its own new temporal attention modules with those weights.
     """
     if config.attention_mode not in MODES:
         raise ValueError(f"attention_mode must be one of {', '.join(MODES)}, got {config.attention_mode!r}")
@@ -170,9 +171,17 @@ def apply_tav(model, config: TAVConfig) -> "comfy.model_patcher.ModelPatcher":
     previous = get_tav_patch(model)
     temporal = None
     if config.temporal_attention:
-        temporal = previous.temporal if previous is not None and previous.temporal is not None else None
-        if temporal is None:
+        if previous is not None and previous.temporal is not None and temporal_weights is None:
+            temporal = previous.temporal
+        else:
             temporal = build_temporal_attention(unet, dtype=model.model.get_dtype())
+            if temporal_weights is not None:
+                missing, unexpected = temporal.load_state_dict(temporal_weights, strict=False)
+                if missing or unexpected:
+                    raise ValueError(
+                        "Tune-A-Video temporal attention weights do not fit this UNet "
+                        f"(missing {len(missing)} keys e.g. {missing[:1]}, unexpected {len(unexpected)} "
+                        f"e.g. {unexpected[:1]}); they were made for another model family or layout.")
     patch = TAVPatch(config, [(path, key) for path, key, _ in blocks], frame_norm_paths(unet), temporal)
 
     m = model.clone()

@@ -82,6 +82,8 @@ def predict(model, x, sigma=1.0, contexts=None, batched=True):
     """
     import comfy.conds
     import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sampler_helpers
     import comfy.samplers
 
     contexts = contexts or [context(100)]
@@ -90,8 +92,10 @@ def predict(model, x, sigma=1.0, contexts=None, batched=True):
     conds = [[{"model_conds": {"c_crossattn": comfy.conds.CONDCrossAttn(c)}, "uuid": uuid.uuid4()}]
              for c in contexts]
     ts = torch.full((x.shape[0],), float(sigma))
+    # As CFGGuider.outer_sample does: the patcher's wrappers/callbacks join the model options.
+    options = comfy.model_patcher.create_model_options_clone(model.model_options)
+    comfy.sampler_helpers.prepare_model_patcher(model, {}, options)
     with torch.no_grad():
         if batched:
-            return comfy.samplers.calc_cond_batch(model.model, conds, x, ts, model.model_options)
-        return [comfy.samplers.calc_cond_batch(model.model, [c], x, ts, model.model_options)[0]
-                for c in conds]
+            return comfy.samplers.calc_cond_batch(model.model, conds, x, ts, options)
+        return [comfy.samplers.calc_cond_batch(model.model, [c], x, ts, options)[0] for c in conds]

@@ -1,0 +1,145 @@
+"""Pure tensor functions of the attention patch vs plainly written references of their formulas."""
+import math
+
+import pytest
+import torch
+
+import tavlib
+
+fa = tavlib.pack_module("attention_patches.frame_attention")
+fn = tavlib.pack_module("attention_patches.frame_norm")
+layout_mod = tavlib.pack_module("attention_patches.layout")
+ta = tavlib.pack_module("attention_patches.temporal_attention")
+
+
+def reference_keys(i, frames, mode, radius):
+    """The paper's / each method's formula for the frames seen by frame i, by plain index."""
+    if mode == "sparse_causal":
+        return [0, max(i - 1, 0)]
+    if mode == "first_frame":
+        return [0]
+    if mode == "causal":
+        return list(range(i + 1))
+    if mode == "full":
+        return list(range(frames))
+    return sorted({0} | {j for j in range(frames) if abs(j - i) <= radius})
+
+
+def reference_attention(q, k, v, heads, chunks, mode, radius):
+    """softmax(q K^T / sqrt(d)) V per chunk, frame and head, with explicit loops, in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    frames = q.shape[0] // chunks
+    d = q.shape[-1] // heads
+    out = torch.zeros_like(q)
+    for c in range(chunks):
+        for i in range(frames):
+            keys = reference_keys(i, frames, mode, radius)
+            K = torch.cat([k[c * frames + j] for j in keys])
+            V = torch.cat([v[c * frames + j] for j in keys])
+            for h in range(heads):
+                s = slice(h * d, (h + 1) * d)
+                w = torch.softmax(q[c * frames + i][:, s] @ K[:, s].T / math.sqrt(d), dim=-1)
+                out[c * frames + i][:, s] = w @ V[:, s]
+    return out
+
+
+@pytest.mark.parametrize("mode", fa.MODES)
+@pytest.mark.parametrize("frames", [1, 2, 5])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_frame_attention_matches_reference(mode, frames, chunks):
+    g = torch.Generator().manual_seed(frames * 10 + chunks)
+    heads, tokens, channels = 2, 6, 8
+    q, k, v = (torch.randn(chunks * frames, tokens, channels, generator=g) for _ in range(3))
+    got = fa.frame_attention(q, k, v, heads, chunks, tuple(range(frames)), mode, radius=1)
+    want = reference_attention(q, k, v, heads, chunks, mode, radius=1)
+    assert got.shape == q.shape
+    assert (got.double() - want).abs().max().item() <= 1e-5
+
+
+def test_key_frames_follow_context_window_positions():
+    # A context window holding clip frames 0, 8, 9, 10: "previous" and "window" go by real index.
+    positions = (0, 8, 9, 10)
+    assert fa.key_frames(positions, "sparse_causal") == [[0, 0], [0, 0], [0, 1], [0, 2]]
+    assert fa.key_frames(positions, "window", radius=1) == [[0], [0, 1, 2], [0, 1, 2, 3], [0, 2, 3]]
+    assert fa.key_frames((5, 3, 4), "causal") == [[1, 2, 0], [1], [1, 2]]
+
+
+def test_clip_layout_from_transformer_options():
+    from comfy.context_windows import IndexListContextWindow
+
+    lay = layout_mod.clip_layout(10, {"cond_or_uncond": [0, 1]})
+    assert (lay.chunks, lay.frames, lay.positions) == (2, 5, (0, 1, 2, 3, 4))
+    lay = layout_mod.clip_layout(4, {"cond_or_uncond": [1], "context_window": IndexListContextWindow([3, 4, 5, 6])})
+    assert lay.positions == (3, 4, 5, 6)
+    with pytest.raises(ValueError, match="does not split into 2 clips"):
+        layout_mod.clip_layout(5, {"cond_or_uncond": [0, 1]})
+
+
+def test_unknown_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="attention_mode must be one of"):
+        fa.key_frames((0, 1), "bogus")
+
+
+def reference_clip_group_norm(x, chunks, groups, weight, bias, eps):
+    """Statistics over channel group x frames x H x W of each chunk, written out by hand."""
+    x = x.double()
+    frames = x.shape[0] // chunks
+    c = x.shape[1]
+    out = torch.empty_like(x)
+    for ch in range(chunks):
+        clip = x[ch * frames:(ch + 1) * frames]
+        for gi in range(groups):
+            s = slice(gi * c // groups, (gi + 1) * c // groups)
+            part = clip[:, s]
+            mean = part.mean()
+            var = ((part - mean) ** 2).mean()
+            out[ch * frames:(ch + 1) * frames, s] = (part - mean) / torch.sqrt(var + eps)
+    return out * weight.double()[None, :, None, None] + bias.double()[None, :, None, None]
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_clip_group_norm_matches_reference(frames, chunks):
+    g = torch.Generator().manual_seed(frames + 7 * chunks)
+    x = torch.randn(chunks * frames, 8, 4, 4, generator=g) * 3 + torch.arange(chunks * frames).view(-1, 1, 1, 1)
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    got = fn.clip_group_norm(x, chunks, 4, w, b, 1e-5)
+    assert (got.double() - reference_clip_group_norm(x, chunks, 4, w, b, 1e-5)).abs().max().item() <= 1e-5
+    if frames > 1:  # and it is not per-frame GroupNorm
+        per_frame = torch.nn.functional.group_norm(x, 4, w, b, 1e-5)
+        assert (got - per_frame).abs().max().item() > 1e-2
+
+
+def reference_temporal(module, x, frames):
+    """x + attn(LayerNorm(x)) over the frame axis at each token, with the module's own weights."""
+    attn, norm = module.attn_temp, module.norm_temp
+    heads = attn.heads
+    out = x.double().clone()
+    chunks = x.shape[0] // frames
+    for c in range(chunks):
+        clip = x[c * frames:(c + 1) * frames].double()  # (f, d, ch)
+        for t in range(clip.shape[1]):
+            seq = clip[:, t]  # (f, ch)
+            h = torch.nn.functional.layer_norm(seq, seq.shape[-1:], norm.weight.double(), norm.bias.double(), norm.eps)
+            q, k, v = h @ attn.to_q.weight.double().T, h @ attn.to_k.weight.double().T, h @ attn.to_v.weight.double().T
+            d = q.shape[-1] // heads
+            o = torch.cat([torch.softmax(q[:, i * d:(i + 1) * d] @ k[:, i * d:(i + 1) * d].T / math.sqrt(d), -1)
+                           @ v[:, i * d:(i + 1) * d] for i in range(heads)], dim=-1)
+            o = o @ attn.to_out[0].weight.double().T + attn.to_out[0].bias.double()
+            out[c * frames:(c + 1) * frames, t] = seq + o
+    return out
+
+
+@pytest.mark.parametrize("frames,chunks", [(1, 1), (2, 2), (5, 1), (5, 2)])
+def test_temporal_attention_matches_reference(frames, chunks):
+    g = torch.Generator().manual_seed(3)
+    module = ta.TemporalAttention(16, heads=2, dim_head=8, dtype=torch.float32)
+    module.reset_parameters(g)
+    x = torch.randn(chunks * frames, 6, 16, generator=g)
+    assert torch.equal(module(x, frames), x), "zero-initialised output projection must be the identity"
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    got = module(x, frames)
+    assert (got.double() - reference_temporal(module, x, frames)).abs().max().item() <= 1e-5
+    assert (got - x).abs().max().item() > 1e-3
