@@ -1,9 +1,14 @@
 """Thin ComfyUI node classes; the logic lives in attention_patches/ and sampling/."""
 from .apply_attention import TuneAVideoApplyAttention
+from .video_nodes import TuneAVideoLoadFrames, TuneAVideoSaveVideo
 
 NODE_CLASS_MAPPINGS = {
     "TuneAVideoApplyAttention": TuneAVideoApplyAttention,
+    "TuneAVideoLoadFrames": TuneAVideoLoadFrames,
+    "TuneAVideoSaveVideo": TuneAVideoSaveVideo,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "TuneAVideoApplyAttention": "Tune-A-Video Apply Attention",
+    "TuneAVideoLoadFrames": "Tune-A-Video Load Frames",
+    "TuneAVideoSaveVideo": "Tune-A-Video Save Video",
 }
