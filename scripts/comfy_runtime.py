@@ -87,6 +87,20 @@ def import_comfy(comfy_dir: Path | None = None) -> Path:
     return comfy_dir
 
 
+def load_pack(name: str = "comfyui_tune_a_video"):
+    """Import this pack as a package, the way ComfyUI imports a custom node folder."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, PACK_DIR / "__init__.py", submodule_search_locations=[str(PACK_DIR)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 # --- a seeded random-weight checkpoint that ComfyUI detects as SD1.5 -------------------------
 
 def _fill_random(module, generator, dtype):

@@ -1,6 +1,5 @@
 """Helpers for tests: the pack as a package, tiny UNets from ComfyUI's own classes, model calls."""
-import importlib.util
-import sys
+import importlib
 import uuid
 from pathlib import Path
 
@@ -11,14 +10,8 @@ PACK_NAME = "comfyui_tune_a_video"
 
 
 def load_pack():
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(
-        PACK_NAME, PACK_DIR / "__init__.py", submodule_search_locations=[str(PACK_DIR)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-    return module
+    import comfy_runtime
+    return comfy_runtime.load_pack(PACK_NAME)
 
 
 def pack_module(name):

@@ -1,0 +1,159 @@
+"""Benchmark: UNet forward time per frame and peak memory, Tune-A-Video patch (each mode) vs unpatched.
+
+Random-weight SD1.5 UNet architecture (full size unless --reduced), one conditioning, latents of
+--size x --size (default 32x32), clips of F frames. Each configuration runs in its own process so
+peak memory is its own. Prints a table; the numbers are measurements, not assertions.
+
+    .venv/bin/python scripts/benchmark_attention.py [--frames 8 16 32] [--reduced] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comfy_runtime  # noqa: E402
+
+SD15 = {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]}
+REDUCED = {"model_channels": 320, "channel_mult": [1, 1], "num_res_blocks": [1, 1],
+           "transformer_depth": [1, 1], "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1]}
+
+
+def build_model(reduced: bool, device: str):
+    import torch
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = dict(REDUCED if reduced else SD15, image_size=32, in_channels=4, out_channels=4, context_dim=768,
+               use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+               use_spatial_transformer=True, legacy=False,
+               dtype=torch.float16 if device == "cuda" else torch.float32)
+    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(cfg), device=torch.device(device))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+            else:  # norm scales 1, biases 0
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device),
+                                            offload_device=torch.device("cpu"))
+
+
+def run_one(mode: str, frames: int, size: int, reduced: bool, device: str, repeats: int) -> dict:
+    """In a child process: time one forward of a clip (the way samplers call the model)."""
+    os.environ["TAV_DEVICE"] = device
+    comfy_runtime.import_comfy()
+    import uuid
+
+    import torch
+    import comfy.conds
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    pack = comfy_runtime.load_pack()
+    unet_patch = sys.modules[pack.__name__ + ".attention_patches.unet_patch"]
+    model = build_model(reduced, device)
+    if mode != "unpatched":
+        model = unet_patch.apply_tav(model, unet_patch.TAVConfig(mode, 2, True, True))
+    x = torch.randn(frames, 4, size, size)
+    ctx = torch.randn(1, 77, 768)
+    comfy.model_management.load_models_gpu([model])
+    model.pre_run()
+    options = comfy.model_patcher.create_model_options_clone(model.model_options)
+    comfy.sampler_helpers.prepare_model_patcher(model, {}, options)
+    conds = [[{"model_conds": {"c_crossattn": comfy.conds.CONDCrossAttn(ctx)}, "uuid": uuid.uuid4()}]]
+    ts = torch.full((frames,), 5.0)
+    x = x.to(model.load_device)
+
+    def forward():
+        with torch.no_grad():
+            out = comfy.samplers.calc_cond_batch(model.model, conds, x, ts.to(x.device), options)[0]
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    else:
+        import psutil
+        base_mem = psutil.Process().memory_info().rss
+    forward()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        forward()
+        times.append(time.perf_counter() - t)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base_mem
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_mem  # RSS above the loaded model
+    return {"mode": mode, "frames": frames, "s_per_frame": min(times) / frames,
+            "peak_mib": peak / 2**20, "attention": comfy_attention_name()}
+
+
+def comfy_attention_name() -> str:
+    import comfy.ldm.modules.attention as a
+    return a.optimized_attention.__name__
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--modes", nargs="+", default=["unpatched", "sparse_causal", "first_frame", "causal", "window", "full"])
+    ap.add_argument("--size", type=int, default=32, help="latent height/width")
+    ap.add_argument("--reduced", action="store_true", help="the small test UNet instead of full SD1.5")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        mode, frames = args.child.split(":")
+        print(json.dumps(run_one(mode, int(frames), args.size, args.reduced, args.device, args.repeats)))
+        return 0
+
+    arch = "reduced SD1.5 UNet" if args.reduced else "SD1.5 UNet (860M)"
+    print(f"# {arch}, random weights, {args.size}x{args.size} latents, device={args.device}")
+    results = {}
+    for frames in args.frames:
+        for mode in args.modes:
+            cmd = [sys.executable, __file__, "--child", f"{mode}:{frames}", "--size", str(args.size),
+                   "--device", args.device, "--repeats", str(args.repeats)] + (["--reduced"] if args.reduced else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                print(f"{mode} F={frames}: failed\n{out.stderr[-2000:]}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            results[(mode, frames)] = r
+            print(f"F={frames:3d} {mode:14s} {r['s_per_frame'] * 1000:9.1f} ms/frame  peak {r['peak_mib']:8.0f} MiB"
+                  f"  ({r['attention']})", flush=True)
+    print("\n# ratios")
+    for frames in args.frames:
+        base = results.get(("unpatched", frames))
+        for mode in args.modes[1:]:
+            r = results.get((mode, frames))
+            if base and r:
+                print(f"F={frames:3d} {mode:14s} time / unpatched = {r['s_per_frame'] / base['s_per_frame']:.2f}")
+    for mode in args.modes:
+        for f1, f2 in zip(args.frames, args.frames[1:]):
+            a, b = results.get((mode, f1)), results.get((mode, f2))
+            if a and b:
+                ratio = (b["s_per_frame"] * f2) / (a["s_per_frame"] * f1)
+                print(f"{mode:14s} time(F={f2}) / time(F={f1}) = {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
