@@ -42,8 +42,23 @@ class TemporalAttention(torch.nn.Module):
             self.norm_temp.weight.fill_(1.0)
             self.norm_temp.bias.zero_()
 
+    def is_identity(self) -> bool:
+        """True while the output projection is exactly zero (untuned): the layer adds nothing.
+
+        Cached on the parameters' version counters, so in-place updates (an optimizer) are seen.
+        """
+        out = self.attn_temp.to_out[0]
+        key = (out.weight._version, out.bias._version, out.weight.data_ptr(), out.bias.data_ptr())
+        if getattr(self, "_identity_key", None) != key:
+            patched = len(getattr(out, "weight_function", ())) or len(getattr(out, "bias_function", ()))
+            self._identity = not patched and not (out.weight.any() or out.bias.any())
+            self._identity_key = key
+        return self._identity
+
     def forward(self, x, frames: int, transformer_options=None):
         """x: (chunks * frames, tokens, channels) -> same shape, frames mixed at every token."""
+        if not torch.is_grad_enabled() and self.is_identity():
+            return x  # exact: x + 0; skipping saves an attention layer per block at inference
         bf, d, c = x.shape
         chunks = bf // frames
         h = x.view(chunks, frames, d, c).transpose(1, 2).reshape(chunks * d, frames, c)

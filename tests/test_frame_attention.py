@@ -137,9 +137,12 @@ def test_temporal_attention_matches_reference(frames, chunks):
     module.reset_parameters(g)
     x = torch.randn(chunks * frames, 6, 16, generator=g)
     assert torch.equal(module(x, frames), x), "zero-initialised output projection must be the identity"
+    with torch.enable_grad():  # while training, the zero layer still runs so to_out gets gradients
+        module(x, frames).sum().backward()
+    assert module.attn_temp.to_out[0].weight.grad.abs().sum() > 0
     with torch.no_grad():
         for p in module.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=g))
-    got = module(x, frames)
+        got = module(x, frames)
     assert (got.double() - reference_temporal(module, x, frames)).abs().max().item() <= 1e-5
     assert (got - x).abs().max().item() > 1e-3
