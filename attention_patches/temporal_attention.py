@@ -48,8 +48,11 @@ class TemporalAttention(torch.nn.Module):
         Cached on the parameters' version counters, so in-place updates (an optimizer) are seen.
         """
         out = self.attn_temp.to_out[0]
-        key = (out.weight._version, out.bias._version, out.weight.data_ptr(), out.bias.data_ptr())
-        if getattr(self, "_identity_key", None) != key:
+        if out.weight.is_inference() or out.bias.is_inference():  # no version counter: recheck
+            key = None
+        else:
+            key = (out.weight._version, out.bias._version, out.weight.data_ptr(), out.bias.data_ptr())
+        if key is None or getattr(self, "_identity_key", None) != key:
             patched = len(getattr(out, "weight_function", ())) or len(getattr(out, "bias_function", ()))
             self._identity = not patched and not (out.weight.any() or out.bias.any())
             self._identity_key = key

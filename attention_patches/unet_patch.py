@@ -77,7 +77,15 @@ def frame_norm_paths(unet: UNetModel) -> list[str]:
 
 
 def build_temporal_attention(unet: UNetModel, dtype=None, seed: int = 0) -> TemporalAttentionSet:
-    """A fresh (zero-output) TemporalAttention for every transformer block, seeded init."""
+    """A fresh (zero-output) TemporalAttention for every transformer block, seeded init.
+
+    Built outside inference mode (ComfyUI runs nodes under it) so the weights can be trained.
+    """
+    with torch.inference_mode(False):
+        return _build_temporal_attention(unet, dtype, seed)
+
+
+def _build_temporal_attention(unet, dtype, seed):
     temporal = TemporalAttentionSet()
     generator = torch.Generator().manual_seed(seed)
     for path, _, block in transformer_blocks(unet):
@@ -176,7 +184,8 @@ def apply_tav(model, config: TAVConfig, temporal_weights: dict | None = None):
         else:
             temporal = build_temporal_attention(unet, dtype=model.model.get_dtype())
             if temporal_weights is not None:
-                missing, unexpected = temporal.load_state_dict(temporal_weights, strict=False)
+                with torch.inference_mode(False), torch.no_grad():
+                    missing, unexpected = temporal.load_state_dict(temporal_weights, strict=False)
                 if missing or unexpected:
                     raise ValueError(
                         "Tune-A-Video temporal attention weights do not fit this UNet "

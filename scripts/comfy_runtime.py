@@ -287,6 +287,21 @@ class ComfyServer:
     def run(self, prompt: dict, timeout: float = 1200) -> dict:
         return self.wait(self.queue(prompt), timeout)
 
+    def run_ok(self, prompt: dict, timeout: float = 1200) -> dict:
+        """Run a prompt and fail loudly, with the node's error, unless it succeeds."""
+        entry = self.run(prompt, timeout)
+        if entry["status"]["status_str"] != "success":
+            raise AssertionError(f"prompt failed: {execution_error(entry)}")
+        return entry
+
+
+def execution_error(entry: dict) -> str:
+    """The node error of a failed /history entry, in one line (node type, exception message)."""
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind in ("execution_error", "execution_interrupted"):
+            return f"{kind} in {data.get('node_type')} #{data.get('node_id')}: {data.get('exception_message', '').strip()}"
+    return str(entry.get("status"))
+
     def __enter__(self):
         return self.start()
 

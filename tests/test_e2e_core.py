@@ -39,8 +39,7 @@ def test_node_is_registered_with_its_api_inputs(server):
 
 
 def test_patched_model_samples_an_8_frame_clip(server, random_checkpoint):
-    entry = server.run(core_workflow(Path(random_checkpoint).name))
-    assert entry["status"]["status_str"] == "success", entry["status"]
+    entry = server.run_ok(core_workflow(Path(random_checkpoint).name))
     images = entry["outputs"]["8"]["images"]
     assert len(images) == FRAMES
     for img in images:

@@ -250,3 +250,13 @@ def test_invalid_switches_are_clear_errors(base):
         up.apply_tav(base, up.TAVConfig("sideways"))
     with pytest.raises(ValueError, match="window_radius"):
         up.apply_tav(base, up.TAVConfig("window", -1))
+
+
+def test_patch_built_under_inference_mode_runs_and_trains(base):
+    """ComfyUI runs nodes under torch.inference_mode(): the patch must still work and be trainable."""
+    with torch.inference_mode():
+        model = patched(base, temporal=True, norm=True)
+        out = tavlib.predict(model, tavlib.latents(3))[0]
+    assert torch.isfinite(out).all()
+    temporal = up.get_tav_patch(model).temporal
+    assert not any(p.is_inference() for p in temporal.parameters())
