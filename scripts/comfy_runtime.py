@@ -294,6 +294,12 @@ class ComfyServer:
             raise AssertionError(f"prompt failed: {execution_error(entry)}")
         return entry
 
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
 
 def execution_error(entry: dict) -> str:
     """The node error of a failed /history entry, in one line (node type, exception message)."""
@@ -301,12 +307,6 @@ def execution_error(entry: dict) -> str:
         if kind in ("execution_error", "execution_interrupted"):
             return f"{kind} in {data.get('node_type')} #{data.get('node_id')}: {data.get('exception_message', '').strip()}"
     return str(entry.get("status"))
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 def main(argv: list[str]) -> int:
