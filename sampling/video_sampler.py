@@ -1,0 +1,168 @@
+"""Inversion and sampling of a clip (a latent batch of F frames) through ComfyUI's own machinery.
+
+Both run under comfy.samplers.CFGGuider (model loading, conds, hooks, ControlNet, wrappers and model
+patches apply as in KSampler); every model call sees the whole clip. Inverted latents carry
+INVERSION_KEY so the sampler starts exactly from them on the inversion's sigmas, with no fresh noise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview  # ComfyUI's own module (progress bar + previews), like nodes.common_ksampler
+
+from .ddim_inversion import inversion_sigmas, sample_ddim_inversion, vp_input_ratio
+
+INVERSION_KEY = "tav_inversion"
+SCHEDULE = "ddim_uniform"  # ComfyUI's DDIM timesteps (1, 21, ..., 981 for 50 steps on SD1.x)
+MAX_STEPS = 10000
+MAX_FIXED_POINT_ITERATIONS = 20
+
+
+def check_steps(steps, name="steps"):
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"{name} must be an integer from 1 to {MAX_STEPS}, got {steps!r}. "
+                         "Use 50 for Tune-A-Video's DDIM inversion and sampling.")
+
+
+def check_latent(latent, name="latent") -> torch.Tensor:
+    """The clip's samples [F, C, H, W], or a ValueError naming the input."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.is_nested or samples.ndim != 4:
+        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) and not samples.is_nested else None
+        raise ValueError(f"{name} must be a LATENT batch of frames [frames, channels, height, width], "
+                         f"got {shape or type(samples).__name__}. Encode the clip's frames with VAE Encode.")
+    if not torch.isfinite(samples).all():
+        raise ValueError(f"{name} contains NaN or infinite values. Re-encode the clip (VAE Encode in "
+                         "fp32 if the VAE overflows) or check the node that produced it.")
+    return samples
+
+
+def _eps_like(model, node_name):
+    model_sampling = model.get_model_object("model_sampling")
+    if not isinstance(model_sampling, comfy.model_sampling.EPS):
+        raise ValueError(f"{node_name} supports eps- and v-prediction models (SD1.x, SD2.x, SDXL); "
+                         f"this model samples with {type(model_sampling).__name__}.")
+    return model_sampling
+
+
+def inversion_schedule(model, steps: int) -> torch.Tensor:
+    """The sampler's descending sigmas for `steps` DDIM steps (ending at 0), on CPU in fp32."""
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), SCHEDULE, steps).float().cpu()
+
+
+class DDIMInversionSampler(comfy.samplers.Sampler):
+    """A comfy Sampler that climbs the schedule instead of descending it (see ddim_inversion)."""
+
+    def __init__(self, fixed_point_iterations=0, sigma_data=1.0):
+        self.fixed_point_iterations = fixed_point_iterations
+        self.sigma_data = sigma_data
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+               denoise_mask=None, disable_pbar=False):
+        def model(x, sigma, **kwargs):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            return model_wrap(x, sigma, **kwargs)
+
+        k_callback = None
+        if callback is not None:
+            total = len(sigmas) - 1
+            k_callback = lambda d: callback(d["i"], d["denoised"], d["x"], total)
+        ratio = lambda s, s_next: vp_input_ratio(s, s_next, self.sigma_data)
+        return sample_ddim_inversion(model, latent_image, sigmas, extra_args=extra_args, callback=k_callback,
+                                     disable=disable_pbar, fixed_point_iterations=self.fixed_point_iterations,
+                                     input_ratio=ratio)
+
+
+def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0):
+    """DDIM-invert a clip: LATENT in ordinary latent units -> LATENT of the noise at the schedule's top.
+
+    All frames go through the model together, unguided (cfg 1) with `conditioning`. The result
+    carries INVERSION_KEY: {"steps", "sigmas" (descending, the sampler's), "frames",
+    "fixed_point_iterations"}.
+    """
+    check_steps(steps)
+    if not isinstance(fixed_point_iterations, int) or not 0 <= fixed_point_iterations <= MAX_FIXED_POINT_ITERATIONS:
+        raise ValueError(f"fixed_point_iterations must be an integer from 0 to {MAX_FIXED_POINT_ITERATIONS}, "
+                         f"got {fixed_point_iterations!r}. 0 is plain DDIM inversion; 2-3 reconstruct near-exactly.")
+    if not conditioning:
+        raise ValueError("conditioning is empty. Connect CLIP Text Encode with an empty prompt "
+                         "(Tune-A-Video inverts with \"\") or the clip's prompt.")
+    samples = check_latent(latent)
+    model_sampling = _eps_like(model, "Tune-A-Video Invert")
+    sigmas = inversion_schedule(model, steps)
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.inner_set_conds({"positive": conditioning})
+    guider.set_cfg(1.0)
+    sampler = DDIMInversionSampler(fixed_point_iterations, float(model_sampling.sigma_data))
+    callback = latent_preview.prepare_callback(model, steps)
+    noise = torch.zeros_like(samples)  # unused: inversion adds no noise
+    out = guider.sample(noise, samples, sampler, inversion_sigmas(sigmas), callback=callback,
+                        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
+    out = out.to(comfy.model_management.intermediate_device())
+    info = {"steps": steps, "sigmas": sigmas, "frames": samples.shape[0],
+            "fixed_point_iterations": fixed_point_iterations}
+    return {"samples": out, INVERSION_KEY: info}
+
+
+def sample_clip(model, positive, negative, latent, seed=0, steps=50, cfg=12.5, sampler_name="ddim",
+                scheduler=SCHEDULE, denoise=1.0):
+    """Sample a clip with ComfyUI's KSampler machinery (comfy.sample.sample).
+
+    From inverted latents (INVERSION_KEY present) no noise is added and the inversion's sigmas are
+    used, so the deterministic samplers retrace the inversion; otherwise it is KSampler on a batch.
+    """
+    check_steps(steps)
+    samples = check_latent(latent)
+    if sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+        raise ValueError(f"sampler_name {sampler_name!r} is not one of ComfyUI's samplers.")
+    if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        raise ValueError(f"scheduler {scheduler!r} is not one of ComfyUI's schedulers.")
+    if not (isinstance(denoise, (int, float)) and 0.0 <= denoise <= 1.0):
+        raise ValueError(f"denoise must be between 0.0 and 1.0, got {denoise!r}.")
+    if not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
+        raise ValueError(f"cfg must be a finite number, got {cfg!r}.")
+
+    inversion = latent.get(INVERSION_KEY)
+    sigmas = None
+    if inversion is not None:
+        _check_inverted(latent, samples, inversion, steps, denoise)
+        _eps_like(model, "Tune-A-Video Sampler with inverted latents")
+        sigmas = inversion["sigmas"]
+        noise = torch.zeros_like(samples)  # the inverted latents are already the noisy start
+        noise_mask = None
+    else:
+        samples = comfy.sample.fix_empty_latent_channels(model, samples)
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+        noise_mask = latent.get("noise_mask")
+
+    callback = latent_preview.prepare_callback(model, steps)
+    out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
+                              denoise=denoise, noise_mask=noise_mask, sigmas=sigmas, callback=callback,
+                              disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    result = {k: v for k, v in latent.items() if k != INVERSION_KEY}
+    result["samples"] = out
+    return result
+
+
+def _check_inverted(latent, samples, inversion, steps, denoise):
+    if steps != inversion["steps"]:
+        raise ValueError(f"steps ({steps}) must equal the steps of Tune-A-Video Invert ({inversion['steps']}) "
+                         "when latent holds inverted noise: set both to the same value.")
+    if samples.shape[0] != inversion["frames"]:
+        raise ValueError(f"latent has {samples.shape[0]} frames but was inverted with {inversion['frames']}: "
+                         "sample the inverted clip as it is (no batch slicing or repeating in between), "
+                         "or invert the frames you want to sample.")
+    if denoise < 0.9999:
+        raise ValueError(f"denoise must be 1.0 when latent holds inverted noise (got {denoise}); "
+                         "inversion already chose the starting noise level. Use fewer steps instead.")
+    if "noise_mask" in latent:
+        raise ValueError("latent holds inverted noise and a noise_mask; masks are not supported on inverted "
+                         "latents. Remove Set Latent Noise Mask between Invert and the Sampler.")
