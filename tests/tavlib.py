@@ -22,8 +22,15 @@ def pack_module(name):
 CONTEXT_DIM = 32
 
 
-def tiny_model(seed=0, model_channels=32, heads=4, depth=1):
-    """A tiny SD1.5-style UNet (ComfyUI's UNetModel/BaseModel/ModelPatcher), seeded fp32 weights."""
+ADM_DIM = 16
+
+
+def tiny_model(seed=0, model_channels=32, heads=4, depth=1, sdxl=False):
+    """A tiny SD1.5-style UNet (ComfyUI's UNetModel/BaseModel/ModelPatcher), seeded fp32 weights.
+
+    sdxl=True: SDXL's layout instead (linear projections in the transformers, no attention at the
+    first level, two blocks per transformer, a pooled-vector `y` input).
+    """
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
@@ -37,6 +44,10 @@ def tiny_model(seed=0, model_channels=32, heads=4, depth=1):
         "use_temporal_attention": False, "use_spatial_transformer": True, "legacy": False,
         "dtype": torch.float32,
     }
+    if sdxl:
+        unet_config.update(use_linear_in_transformer=True, transformer_depth=[0, 2],
+                           transformer_depth_output=[0, 0, 2, 2], adm_in_channels=ADM_DIM,
+                           num_classes="sequential")
     config = comfy.supported_models.SD15(unet_config)
     config.unet_config["num_heads"] = heads
     model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
@@ -82,8 +93,13 @@ def predict(model, x, sigma=1.0, contexts=None, batched=True):
     contexts = contexts or [context(100)]
     comfy.model_management.load_models_gpu([model])
     model.pre_run()
-    conds = [[{"model_conds": {"c_crossattn": comfy.conds.CONDCrossAttn(c)}, "uuid": uuid.uuid4()}]
-             for c in contexts]
+    def model_conds(c):
+        out = {"c_crossattn": comfy.conds.CONDCrossAttn(c)}
+        if model.model.diffusion_model.num_classes is not None:  # SDXL-style pooled vector
+            out["y"] = comfy.conds.CONDRegular(c.mean(1)[:, :1].expand(1, ADM_DIM).contiguous())
+        return out
+
+    conds = [[{"model_conds": model_conds(c), "uuid": uuid.uuid4()}] for c in contexts]
     ts = torch.full((x.shape[0],), float(sigma))
     # As CFGGuider.outer_sample does: the patcher's wrappers/callbacks join the model options.
     options = comfy.model_patcher.create_model_options_clone(model.model_options)

@@ -260,3 +260,16 @@ def test_patch_built_under_inference_mode_runs_and_trains(base):
     assert torch.isfinite(out).all()
     temporal = up.get_tav_patch(model).temporal
     assert not any(p.is_inference() for p in temporal.parameters())
+
+
+@pytest.mark.parametrize("mode", ["sparse_causal", "window"])
+def test_sdxl_layout_unet_matches_reference(mode):
+    """SDXL's UNet layout (linear transformer projections, 2 blocks per transformer, a `y` input)."""
+    sdxl = tavlib.tiny_model(seed=3, sdxl=True)
+    blocks = list(up.transformer_blocks(sdxl.model.diffusion_model))
+    assert {key[2] for _, key, _ in blocks} == {0, 1}
+    x = tavlib.latents(4)
+    got = tavlib.predict(patched(sdxl, mode, radius=1), x, contexts=CONDS)
+    want = tavlib.predict(reference_model(sdxl, mode, 1, norm=False), x, contexts=CONDS)
+    assert max_diff(got, want) <= 1e-5
+    assert max_diff(got, tavlib.predict(sdxl, x, contexts=CONDS)) > 1e-3
