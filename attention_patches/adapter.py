@@ -1,0 +1,283 @@
+"""Tune-A-Video adapters: what one-shot tuning trained, as a small safetensors file, and back onto a MODEL.
+
+File keys use ComfyUI's UNet naming; <block> is a transformer block path such as
+input_blocks.1.1.transformer_blocks.0:
+    diffusion_model.<block>.attn1.to_q.diff         query delta W_tuned - W_base (fp16); ComfyUI's
+    diffusion_model.<block>.attn2.to_q.diff         LoRA loader reads `.diff` keys too
+    diffusion_model.<block>.attn_temp.<param>       temporal attention weights (fp16)
+    diffusion_model.<block>.norm_temp.<param>
+Only trained tensors are stored. Metadata (all strings): format, format_version, source, model_family,
+block_layout (JSON [[block, dim, heads, dim_head], ...]), frames, latent_size, prompt, steps,
+learning_rate, seed, trainable, precision, attention_mode, window_radius, temporal_attention,
+frame_shared_norm, final_loss, pack_version.
+
+The official Tune-A-Video UNet (diffusers naming, `down_blocks.i.attentions.j.transformer_blocks.k.…`,
+optionally prefixed `unet.`) is read too: its attn1/attn2 query WEIGHTS become deltas against the model
+they are loaded onto, its attn_temp/norm_temp weights become the temporal attention; every other key is
+ignored. Block paths are mapped with ComfyUI's own comfy.utils.unet_to_diffusers.
+
+Only safetensors is ever opened (no pickle).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+import comfy.utils
+
+from .temporal_attention import TemporalAttention
+from .unet_patch import TAVConfig, apply_tav, get_tav_patch, transformer_blocks, unet_of
+
+FORMAT = "tune_a_video_adapter"
+FORMAT_VERSION = "1"
+PREFIX = "diffusion_model."
+DELTA_SUFFIX = ".diff"
+TEMPORAL_PARTS = (".attn_temp.", ".norm_temp.")
+STORAGE_DTYPE = torch.float16
+OFFICIAL_PREFIXES = ("down_blocks.", "mid_block.", "up_blocks.")
+OFFICIAL_QUERIES = ("attn1.to_q.weight", "attn2.to_q.weight")
+
+
+def _pack_version() -> str:
+    try:
+        text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+        return re.search(r'^version\s*=\s*"([^"]+)"', text, re.M).group(1)
+    except (OSError, AttributeError):
+        return "unknown"
+
+
+PACK_VERSION = _pack_version()
+
+
+@dataclass(frozen=True)
+class TAVAdapter:
+    """The tuned part of a model (the TAV_ADAPTER value). Tensors are fp16 on CPU.
+
+    deltas: model state-dict key (`diffusion_model.<block>.attn1.to_q.weight`) -> W_tuned - W_base.
+    temporal: temporal_state_dict key (`<block>.attn_temp.to_q.weight`, ...) -> weight.
+    """
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    temporal: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter as file keys -> tensors (see the module docstring)."""
+        out = {k[:-len(".weight")] + DELTA_SUFFIX: v for k, v in self.deltas.items()}
+        out.update({PREFIX + k: v for k, v in self.temporal.items()})
+        return out
+
+
+def model_family(model) -> str:
+    """ComfyUI's name for the model's family (supported_models class), e.g. SD15, SD20, SDXL."""
+    return type(model.model.model_config).__name__
+
+
+def block_layout(model) -> list[list]:
+    return [[path, block.attn1.to_q.in_features, block.n_heads, block.d_head]
+            for path, _, block in transformer_blocks(unet_of(model))]
+
+
+def make_adapter(model, deltas: dict, temporal: dict, **info) -> TAVAdapter:
+    """An adapter for `model` (the base it was tuned on) from trained tensors, stored as fp16.
+
+    info: extra metadata (frames, prompt, steps, learning_rate, ...); values become strings.
+    """
+    def store(name, t):
+        t = t.detach().to(device="cpu", dtype=STORAGE_DTYPE).contiguous()
+        if not torch.isfinite(t).all():
+            raise ValueError(f"Tune-A-Video adapter: {name} does not fit in fp16 (values beyond ±65504). "
+                             "The tuning diverged: lower learning_rate or steps and tune again.")
+        return t
+
+    patch = get_tav_patch(model)
+    config = patch.config if patch is not None else TAVConfig()
+    metadata = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "source": "tuned",
+        "model_family": model_family(model), "block_layout": json.dumps(block_layout(model)),
+        "attention_mode": config.attention_mode, "window_radius": str(config.window_radius),
+        "temporal_attention": str(config.temporal_attention or bool(temporal)),
+        "frame_shared_norm": str(config.frame_shared_norm), "pack_version": PACK_VERSION,
+    }
+    metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
+    return TAVAdapter({k: store(k, v) for k, v in deltas.items()},
+                      {k: store(k, v) for k, v in temporal.items()}, metadata)
+
+
+def save_adapter(adapter: TAVAdapter, path) -> Path:
+    import safetensors.torch
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    safetensors.torch.save_file(adapter.tensors(), str(tmp), metadata=adapter.metadata)
+    tmp.replace(path)  # never leave a half-written adapter under the final name
+    return path
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors file, or a ValueError that says what is wrong."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        raise ValueError(f"Tune-A-Video adapters are read from .safetensors files only; {path.name} is not one. "
+                         "Pickled checkpoints (.ckpt/.pt/.bin) are never opened: convert them to safetensors.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own error type, OSError, ...: all mean "not a readable file"
+        raise ValueError(
+            f"{path.name} is not a readable safetensors file ({type(e).__name__}: {e}). It is truncated "
+            "(an interrupted copy or download) or not safetensors at all (a renamed pickle .ckpt/.pt/.bin, "
+            "which is never opened). Save or download it again.") from None
+    return tensors, metadata
+
+
+def load_adapter_file(path, model) -> TAVAdapter:
+    """A TAVAdapter from this pack's adapter file or an official Tune-A-Video (diffusers) UNet file.
+
+    `model` is the MODEL it will be applied to (official query weights become deltas against it).
+    """
+    tensors, metadata = read_safetensors(path)
+    name = Path(path).name
+    if metadata.get("format") == FORMAT or any(k.startswith(PREFIX) for k in tensors):
+        return _parse_adapter(tensors, metadata, name)
+    stripped = {k[len("unet."):] if k.startswith("unet.") else k: v for k, v in tensors.items()}
+    if any(k.startswith(OFFICIAL_PREFIXES) for k in stripped):
+        return official_to_adapter(model, stripped, name)
+    raise ValueError(f"{name} is neither a Tune-A-Video adapter (diffusion_model.*.to_q.diff / attn_temp keys) "
+                     "nor an official Tune-A-Video UNet (down_blocks.*.transformer_blocks.* keys). "
+                     "Save adapters with Tune-A-Video Save Adapter.")
+
+
+def _parse_adapter(tensors, metadata, name) -> TAVAdapter:
+    deltas, temporal = {}, {}
+    for key, value in tensors.items():
+        if key.startswith(PREFIX) and key.endswith(DELTA_SUFFIX):
+            deltas[key[:-len(DELTA_SUFFIX)] + ".weight"] = value
+        elif key.startswith(PREFIX) and any(part in key for part in TEMPORAL_PARTS):
+            temporal[key[len(PREFIX):]] = value
+        else:
+            raise ValueError(f"{name}: unexpected key {key!r} in a Tune-A-Video adapter (format "
+                             f"{metadata.get('format_version', '?')}); the file is damaged or from another tool.")
+    if not deltas and not temporal:
+        raise ValueError(f"{name} holds no tuned weights.")
+    return TAVAdapter(deltas, temporal, metadata)
+
+
+def official_block_paths(model) -> dict[str, str]:
+    """diffusers transformer-block prefix -> ComfyUI block path, for this model's UNet layout."""
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    suffix = ".attn1.to_q.weight"
+    return {d[:-len(suffix)]: c[:-len(suffix)] for d, c in mapping.items() if d.endswith(suffix)}
+
+
+def official_to_adapter(model, tensors: dict, name: str = "official UNet") -> TAVAdapter:
+    """An official Tune-A-Video UNet state dict (diffusers keys) as an adapter for `model`.
+
+    Query weights W_official become deltas W_official - W_model; attn_temp/norm_temp weights are taken
+    as they are. The model's own weights are read, never written.
+    """
+    blocks = official_block_paths(model)
+    deltas, temporal, ignored = {}, {}, 0
+    base_checked = False
+    for key, value in tensors.items():
+        head, sep, tail = key.partition(".transformer_blocks.")
+        index, _, suffix = tail.partition(".")
+        block = blocks.get(f"{head}{sep}{index}") if sep else None
+        if block is None:
+            ignored += 1
+        elif suffix in OFFICIAL_QUERIES:
+            model_key = f"{PREFIX}{block}.{suffix}"
+            deltas[model_key] = value.float() - _model_weight(model, model_key, name, value.shape)
+        elif suffix.startswith(("attn_temp.", "norm_temp.")):
+            temporal[f"{block}.{suffix}"] = value
+        else:
+            ignored += 1
+            if suffix == "attn1.to_k.weight" and not base_checked:  # frozen in TAV: equal unless another base
+                base_checked = True
+                base = _model_weight(model, f"{PREFIX}{block}.{suffix}", name, value.shape)
+                if (value.float() - base).abs().max() > 1e-2:
+                    logging.warning("Tune-A-Video: %s was tuned from a different base checkpoint than this model "
+                                    "(frozen weights differ at %s); its query weights are applied as they are.",
+                                    name, key)
+    if not deltas and not temporal:
+        raise ValueError(f"{name}: no Tune-A-Video keys (transformer_blocks.*.attn1.to_q / attn_temp) match this "
+                         f"model's UNet layout ({model_family(model)}); it was made for another model family.")
+    logging.info("Tune-A-Video: imported %d query weights and %d temporal tensors from %s (%d other keys ignored).",
+                 len(deltas), len(temporal), name, ignored)
+    return make_adapter(model, deltas, temporal, source="official_tune_a_video")
+
+
+def _model_weight(model, key, name, shape) -> torch.Tensor:
+    try:
+        weight = comfy.utils.get_attr(model.model, key)
+    except AttributeError:
+        raise ValueError(f"{name}: {key} does not exist in this model; the file was made for another "
+                         "model family or UNet layout.") from None
+    if tuple(weight.shape) != tuple(shape):
+        raise ValueError(f"{name}: {key} has shape {tuple(shape)} in the file but {tuple(weight.shape)} in this "
+                         f"model ({model_family(model)}); the file was made for another model family.")
+    return weight.detach().to(device="cpu", dtype=torch.float32)
+
+
+# --- applying ---------------------------------------------------------------------------------
+
+def check_fits(model, adapter: TAVAdapter, name: str = "adapter"):
+    """ValueError unless every tensor of `adapter` has a place of the same shape in `model`."""
+    family = adapter.metadata.get("model_family")
+    if family and family != model_family(model):
+        raise ValueError(f"{name} was tuned on a {family} model but this model is {model_family(model)}. "
+                         f"Load it onto a {family} checkpoint (any fine-tune of that family works).")
+    for key, delta in adapter.deltas.items():
+        _model_weight(model, key, name, delta.shape)
+    blocks = {path: block for path, _, block in transformer_blocks(unet_of(model))}
+    expected = {}
+    for path in {k.split(".attn_temp.")[0].split(".norm_temp.")[0] for k in adapter.temporal}:
+        block = blocks.get(path)
+        if block is None:
+            raise ValueError(f"{name}: temporal attention for {path}, a transformer block this model does not "
+                             f"have ({model_family(model)}, {len(blocks)} blocks); it was made for another layout.")
+        meta = TemporalAttention(block.attn1.to_q.in_features, block.n_heads, block.d_head, device="meta")
+        expected.update({f"{path}.{k}": tuple(v.shape) for k, v in meta.state_dict().items()})
+    for key, value in adapter.temporal.items():
+        if key not in expected:
+            raise ValueError(f"{name}: unexpected temporal attention key {key!r}.")
+        if tuple(value.shape) != expected[key]:
+            raise ValueError(f"{name}: {key} has shape {tuple(value.shape)} but this model needs {expected[key]} "
+                             f"({model_family(model)}); the file was made for another model family.")
+
+
+def config_from_metadata(metadata: dict) -> TAVConfig:
+    """The attention settings the adapter was tuned with (defaults where not recorded)."""
+    default = TAVConfig()
+    return TAVConfig(metadata.get("attention_mode", default.attention_mode),
+                     int(metadata.get("window_radius", default.window_radius)),
+                     metadata.get("temporal_attention", str(default.temporal_attention)) == "True",
+                     metadata.get("frame_shared_norm", str(default.frame_shared_norm)) == "True")
+
+
+def apply_adapter(model, adapter: TAVAdapter, name: str = "adapter"):
+    """A clone of `model` carrying the adapter: Tune-A-Video's attention (the model's own settings if it is
+    already patched, else the adapter's), the adapter's temporal attention weights, and its query deltas
+    as ("diff", delta) weight patches (so LoRAs stack with it). `model` is left untouched.
+    """
+    check_fits(model, adapter, name)
+    patch = get_tav_patch(model)
+    config = patch.config if patch is not None else config_from_metadata(adapter.metadata)
+    if adapter.temporal and not config.temporal_attention:
+        config = replace(config, temporal_attention=True)
+    tuned = apply_tav(model, config, temporal_weights=dict(adapter.temporal) or None)
+    if adapter.deltas:
+        added = set(tuned.add_patches({k: ("diff", (v,)) for k, v in adapter.deltas.items()}))
+        missing = sorted(set(adapter.deltas) - added)
+        if missing:
+            raise ValueError(f"{name}: {len(missing)} query deltas found no weight in this model (e.g. {missing[0]}).")
+    return tuned

@@ -1,0 +1,316 @@
+// Drives the real ComfyUI frontend in headless Chromium (playwright-core) for tests/test_frontend.py.
+//
+//   node tests/browser/frontend_check.mjs CONFIG.json
+//
+// CONFIG: {url, chromium, node_prefix (where playwright-core is installed), artifacts (folder for
+// screenshots), result (path of the JSON result), nodes: [{type, display_name, category}],
+// workflows: [{name, graph}], run: {name, graph, widgets: [[node type, widget name, value], ...],
+// output_type, timeout_ms} | null}.
+//
+// Every phase records what it saw (and any error) in the result; the pytest test judges it. The script
+// exits non-zero only when it cannot produce a result at all.
+import { createRequire } from 'node:module';
+import fs from 'node:fs';
+import path from 'node:path';
+
+const config = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
+const require = createRequire(path.join(config.node_prefix, 'package.json'));
+const { chromium } = require('playwright-core');
+
+const result = { phases: {}, page_errors: [], console_errors: [], timings_ms: {} };
+const t0 = Date.now();
+const mark = (name) => { result.timings_ms[name] = Date.now() - t0; };
+const save = () => fs.writeFileSync(config.result, JSON.stringify(result, null, 1));
+const shotPath = (name) => path.join(config.artifacts, `${name}.png`);
+fs.mkdirSync(config.artifacts, { recursive: true });
+
+async function phase(name, fn) {
+  const out = { ok: false };
+  result.phases[name] = out;
+  try {
+    Object.assign(out, await fn());
+    out.ok = true;
+  } catch (e) {
+    out.error = String(e && e.stack || e).slice(0, 3000);
+    const file = shotPath(`error_${name.replace(/[^\w.-]+/g, '_')}`);
+    out.screenshot = page ? await page.screenshot({ path: file }).then(() => file).catch(() => null) : null;
+  }
+  save();
+  return out;
+}
+
+const browser = await chromium.launch({
+  executablePath: config.chromium,
+  headless: true,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+         '--disable-background-networking', '--disable-component-update', '--disable-sync',
+         '--disable-dev-shm-usage'],
+});
+let page;
+try {
+  // a fresh incognito-like context = a fresh, empty profile
+  const context = await browser.newContext({ viewport: { width: 1600, height: 1000 } });
+  page = await context.newPage();
+  page.on('pageerror', (e) => result.page_errors.push(String(e).slice(0, 500)));
+  page.on('console', (m) => { if (m.type() === 'error') result.console_errors.push(m.text().slice(0, 500)); });
+  const prompts = [];
+  page.on('request', (r) => {
+    if (r.method() === 'POST' && new URL(r.url()).pathname.endsWith('/prompt')) prompts.push(r.postData());
+  });
+
+  const dialogs = () => page.evaluate(() => [...document.querySelectorAll('.p-dialog')]
+    .filter((d) => d.offsetParent !== null || d.getClientRects().length)
+    .map((d) => ({ id: d.getAttribute('aria-labelledby'), text: d.innerText.slice(0, 500) })));
+  const closeDialogs = async () => {
+    for (let i = 0; i < 3 && (await dialogs()).length; i++) {
+      await page.keyboard.press('Escape');
+      await page.waitForTimeout(300);
+    }
+  };
+  const fitView = async () => {
+    await page.evaluate(() => {
+      const canvas = window.app.canvas;
+      if (typeof canvas.fitViewToSelectionAnimated === 'function') canvas.fitViewToSelectionAnimated({ duration: 0 });
+      else canvas.ds.fitToBounds(canvas.graph.bounds ?? canvas.graph._nodes.map((n) => n.boundingRect));
+      canvas.setDirty(true, true);
+    }).catch(() => page.keyboard.press('.'));
+    await page.waitForTimeout(400);
+  };
+  const promptResponses = [];
+  page.on('response', async (r) => {
+    if (r.request().method() === 'POST' && new URL(r.url()).pathname.endsWith('/prompt')) {
+      promptResponses.push({ status: r.status(), body: (await r.text().catch(() => '')).slice(0, 3000) });
+    }
+  });
+
+  // the frontend: loaded, with its node definitions, its canvas and no dialog in the way
+
+  await phase('startup', async () => {
+    await page.goto(config.url, { waitUntil: 'domcontentloaded', timeout: 60000 });
+    await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas &&
+      window.LiteGraph && Object.keys(window.LiteGraph.registered_node_types).length > 0 &&
+      document.querySelector('canvas'), null, { timeout: 90000 });
+    await page.waitForTimeout(1000);
+    mark('frontend_ready');
+    // cosmetic, for the screenshots: draw node text even when a fitted graph is zoomed out
+    await page.evaluate(() => window.app.extensionManager.setting.set('LiteGraph.Canvas.MinFontSizeForLOD', 1))
+      .catch(() => {});
+    return {
+      frontend_version: await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null),
+      dialogs: await dialogs(),
+    };
+  });
+  await closeDialogs();
+
+  // --- every node of the pack in the Node Library sidebar, under its category, by display name ---
+  await phase('node_library', async () => {
+    await page.click('button.node-library-tab-button', { timeout: 15000 });
+    const search = page.locator('.search-box-input').first();
+    await search.waitFor({ timeout: 15000 });
+    const leaf = (name) => `li[role="treeitem"][aria-label=${JSON.stringify(name)}]`;
+    const found = {};
+    for (const node of config.nodes) {
+      await search.fill(node.display_name);
+      let ok = true;
+      try {
+        await page.locator(leaf(node.display_name)).first().waitFor({ state: 'visible', timeout: 5000 });
+      } catch { ok = false; }
+      found[node.type] = { search: ok };
+    }
+    await search.fill('');
+    await page.waitForTimeout(500);
+    // the category tree: expand each folder of each category path, then look for the leaves
+    for (const node of config.nodes) {
+      let scope = page;  // the sidebar's tree (other, hidden trees exist on the page)
+      let ok = true;
+      let level = 1;
+      for (const folder of node.category.split('/')) {
+        const item = scope.locator(`li[role="treeitem"][aria-level="${level++}"][aria-label=${JSON.stringify(folder)}]:visible`).first();
+        try {
+          await item.waitFor({ state: 'visible', timeout: 5000 });
+        } catch { ok = false; break; }
+        if ((await item.getAttribute('aria-expanded')) !== 'true') {
+          await item.locator(':scope > .p-tree-node-content').click();
+        }
+        scope = item.locator(':scope > ul');
+      }
+      if (ok) {
+        try {
+          await scope.locator(`:scope > ${leaf(node.display_name)}`).waitFor({ state: 'visible', timeout: 5000 });
+        } catch { ok = false; }
+      }
+      found[node.type].tree = ok;
+    }
+    const top = config.nodes.length ? config.nodes[0].category.split('/')[0] : '';
+    const listed = await page.evaluate((top) => {
+      const folder = [...document.querySelectorAll('li[role="treeitem"][aria-level="1"]')]
+        .find((li) => li.getAttribute('aria-label') === top && li.getClientRects().length > 0);
+      return folder ? [...folder.querySelectorAll('li.p-tree-node-leaf')].map((li) => li.getAttribute('aria-label')) : null;
+    }, top);
+    await page.screenshot({ path: shotPath('01_node_library') });
+    // close the sidebar again so that it does not cover the canvas
+    await page.click('button.node-library-tab-button');
+    await page.waitForTimeout(300);
+    return { found, listed };
+  });
+  mark('node_library');
+
+  // --- each shipped UI workflow, loaded through the frontend, inspected in app.graph ---
+  const inspectGraph = () => page.evaluate(() => {
+    const graph = window.app.graph;
+    const registered = window.LiteGraph.registered_node_types;
+    const problems = [];
+    const nodes = graph.nodes.map((n) => ({
+      id: n.id, type: n.type, registered: !!registered[n.type], has_errors: !!n.has_errors,
+      widgets: (n.widgets || []).map((w) => [w.name, w.value]),
+    }));
+    const byId = new Map(graph.nodes.map((n) => [n.id, n]));
+    const links = [...(graph.links instanceof Map ? graph.links.values() : Object.values(graph.links || {}))]
+      .filter(Boolean);
+    for (const l of links) {
+      const src = byId.get(l.origin_id);
+      const dst = byId.get(l.target_id);
+      if (!src) { problems.push(`link ${l.id}: origin node ${l.origin_id} does not exist`); continue; }
+      if (!dst) { problems.push(`link ${l.id}: target node ${l.target_id} does not exist`); continue; }
+      const out = src.outputs?.[l.origin_slot];
+      const inp = dst.inputs?.[l.target_slot];
+      if (!out) problems.push(`link ${l.id}: node ${src.id} (${src.type}) has no output slot ${l.origin_slot}`);
+      else if (!(out.links || []).includes(l.id)) problems.push(`link ${l.id}: not listed by output ${out.name} of node ${src.id}`);
+      if (!inp) problems.push(`link ${l.id}: node ${dst.id} (${dst.type}) has no input slot ${l.target_slot}`);
+      else if (inp.link !== l.id) problems.push(`link ${l.id}: input ${inp.name} of node ${dst.id} holds link ${inp.link}`);
+      if (out && inp && !window.LiteGraph.isValidConnection(out.type, inp.type)) {
+        problems.push(`link ${l.id}: ${out.type} into ${inp.type} (${dst.type}.${inp.name})`);
+      }
+    }
+    const linkIds = new Set(links.map((l) => l.id));
+    for (const n of graph.nodes) {
+      for (const inp of n.inputs || []) {
+        if (inp.link != null && !linkIds.has(inp.link)) problems.push(`node ${n.id} input ${inp.name}: dangling link ${inp.link}`);
+      }
+      for (const out of n.outputs || []) {
+        for (const id of out.links || []) if (!linkIds.has(id)) problems.push(`node ${n.id} output ${out.name}: dangling link ${id}`);
+      }
+    }
+    return { nodes, links: links.map((l) => [l.id, l.origin_id, l.origin_slot, l.target_id, l.target_slot, l.type]), problems };
+  });
+  const loadWorkflow = async (graph, name) => {
+    await page.evaluate(async ([g, name]) => { await window.app.loadGraphData(g, true, true, name); }, [graph, name]);
+    await page.waitForTimeout(800);  // the missing-nodes dialog opens after the graph is configured
+  };
+
+  result.workflows = {};
+  for (const wf of config.workflows) {
+    result.workflows[wf.name] = await phase(`workflow:${wf.name}`, async () => {
+      await loadWorkflow(wf.graph, wf.name);
+      const seen = await dialogs();
+      const graph = await inspectGraph();
+      await fitView();
+      await page.screenshot({ path: shotPath(`02_workflow_${wf.name.replace(/\.json$/, '')}`) });
+      await closeDialogs();
+      return { dialogs: seen, ...graph };
+    });
+  }
+  mark('workflows');
+
+  // --- control: the same checks do see a node type the server does not have ---
+  if (config.workflows.length) {
+    await phase('missing_node_control', async () => {
+      const bad = structuredClone(config.workflows[0].graph);
+      bad.nodes[0].type = 'TuneAVideoNoSuchNodeForTheTest';
+      await loadWorkflow(bad, 'missing_node_control.json');
+      await page.locator('.p-dialog').first().waitFor({ state: 'visible', timeout: 5000 }).catch(() => {});
+      const seen = await dialogs();
+      const graph = await inspectGraph();
+      await page.screenshot({ path: shotPath('03_missing_node_control') });
+      await closeDialogs();
+      return { dialogs: seen, ...graph };
+    });
+  }
+
+  // --- the demo workflow, small, queued from the UI; its video preview must appear on the page ---
+  if (config.run) {
+    const run = config.run;
+    result.run = await phase('run', async () => {
+      await loadWorkflow(run.graph, run.name);
+      await closeDialogs();
+      const set = await page.evaluate((widgets) => {
+        const missing = [];
+        for (const [type, name, value] of widgets) {
+          const nodes = window.app.graph.nodes.filter((n) => n.type === type);
+          const ws = nodes.map((n) => (n.widgets || []).find((w) => w.name === name)).filter(Boolean);
+          if (!ws.length) missing.push(`${type}.${name}`);
+          for (const w of ws) { w.value = value; w.callback?.(value); }
+        }
+        window.app.graph.setDirtyCanvas(true, true);
+        window.__tavEvents = [];
+        for (const t of ['execution_start', 'executed', 'execution_error', 'execution_success',
+                         'execution_interrupted', 'execution_cached']) {
+          window.app.api.addEventListener(t, (e) => window.__tavEvents.push({ type: t, detail: e.detail }));
+        }
+        return { missing };
+      }, run.widgets);
+      if (set.missing.length) throw new Error(`widgets not found: ${set.missing.join(', ')}`);
+      await fitView();
+      const before = prompts.length;
+      let queuedVia = 'Run button';
+      const runButton = page.locator('button[aria-label="Run"], button[data-testid="queue-button"]').first();
+      if (await runButton.count()) await runButton.click();
+      else { queuedVia = 'app.queuePrompt'; await page.evaluate(() => window.app.queuePrompt(0, 1)); }
+      mark('queued');
+      // until the server ends the prompt (or refuses it: then no execution event ever comes)
+      const deadline = Date.now() + run.timeout_ms;
+      let response = null;
+      for (;;) {
+        response = promptResponses[promptResponses.length - 1] ?? null;
+        if (response && response.status !== 200) break;
+        const done = await page.evaluate(() => window.__tavEvents.some((e) =>
+          ['execution_success', 'execution_error', 'execution_interrupted'].includes(e.type)));
+        if (done) break;
+        if (Date.now() > deadline) throw new Error(`the prompt did not finish within ${run.timeout_ms} ms`);
+        await page.waitForTimeout(250);
+      }
+      mark('executed');
+      const events = await page.evaluate(() => window.__tavEvents.map((e) => ({ type: e.type,
+        detail: JSON.parse(JSON.stringify(e.detail ?? null)) })));
+      const prompt = prompts.length > before ? JSON.parse(prompts[prompts.length - 1]) : null;
+      const seen = await dialogs();
+      const out = { queued_via: queuedVia, events, prompt: prompt && prompt.prompt, prompt_response: response, dialogs: seen };
+      if (!events.some((e) => e.type === 'execution_success')) return out;
+      // the preview: a <video> (or an animated <img>) showing /view?filename=<the saved file>
+      const selector = 'video[src*="/view?"][src*="filename="], img[src*="/view?"][src*="filename="]';
+      const preview = page.locator(selector).first();
+      try {
+        await preview.waitFor({ state: 'attached', timeout: 10000 });
+      } catch {
+        // DOM widgets are only drawn for nodes in view: centre on the output node and look again
+        await page.evaluate((type) => {
+          const node = window.app.graph.nodes.find((n) => n.type === type);
+          window.app.canvas.ds.scale = 1;
+          window.app.canvas.centerOnNode(node);
+          window.app.canvas.setDirty(true, true);
+        }, run.output_type);
+        await preview.waitFor({ state: 'attached', timeout: 15000 });
+      }
+      await page.waitForFunction((sel) => {
+        const el = document.querySelector(sel);
+        return el && (el.tagName === 'VIDEO' ? el.readyState >= 2 : el.complete);
+      }, selector, { timeout: 15000 }).catch(() => {});
+      await page.waitForTimeout(500);
+      out.preview = await page.evaluate((sel) => [...document.querySelectorAll(sel)].map((el) => ({
+        tag: el.tagName.toLowerCase(), src: el.getAttribute('src'), ready_state: el.readyState ?? null,
+        width: el.tagName === 'VIDEO' ? el.videoWidth : el.naturalWidth,
+        height: el.tagName === 'VIDEO' ? el.videoHeight : el.naturalHeight,
+        visible: el.getClientRects().length > 0,
+      })), selector);
+      await page.screenshot({ path: shotPath(`04_run_${run.name.replace(/\.json$/, '')}`) });
+      mark('preview');
+      return out;
+    });
+  }
+} catch (e) {
+  result.fatal = String(e && e.stack || e).slice(0, 3000);
+} finally {
+  mark('done');
+  save();
+  await browser.close();
+}

@@ -1,0 +1,188 @@
+"""The real ComfyUI frontend in headless Chromium against the real server with this pack.
+
+One browser session (tests/browser/frontend_check.mjs, playwright-core driving Debian's chromium)
+checks: every node of the pack in the Node Library under its display name; every shipped UI workflow
+loading with all node types known, every link intact and no missing-nodes dialog; the text-to-video
+workflow, shrunk, queued with the Run button, finishing with its video preview on the page.
+Screenshots go to test-artifacts/frontend/. scripts/setup.sh installs chromium and playwright-core;
+without them these tests fail (they never skip).
+"""
+import json
+import os
+import random
+import shutil
+import subprocess
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+import comfy_runtime
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+SCRIPT = PACK_DIR / "tests" / "browser" / "frontend_check.mjs"
+NODE_PREFIX = PACK_DIR / ".cache" / "node"
+ARTIFACTS = PACK_DIR / "test-artifacts" / "frontend"
+UI_WORKFLOWS = sorted(p for p in (PACK_DIR / "workflows").glob("*.json") if not p.name.endswith("_api.json"))
+CATEGORY = "Tune-A-Video"
+RUN_WORKFLOW = "tav_text_to_video.json"
+RUN_SIZE = dict(width=64, height=64, frames=4, steps=2)
+RUN_PREFIX = "TuneAVideo/frontend_test"
+SETUP_HINT = "run scripts/setup.sh (as root it installs Debian's chromium and playwright-core into .cache/node)"
+
+
+def _browser_tools():
+    """(node, chromium) or pytest.fail with what is missing: these tests must not skip."""
+    chromium = os.environ.get("TAV_CHROMIUM", "/usr/bin/chromium")
+    node = shutil.which("node")
+    problems = []
+    if not (os.path.isfile(chromium) and os.access(chromium, os.X_OK)):
+        problems.append(f"no Chromium at {chromium} (set TAV_CHROMIUM to use another)")
+    if not node:
+        problems.append("no `node` on PATH (Node.js >= 20)")
+    if not (NODE_PREFIX / "node_modules" / "playwright-core" / "package.json").is_file():
+        problems.append(f"playwright-core is not installed in {NODE_PREFIX}")
+    if problems:
+        pytest.fail("frontend test cannot start a browser: " + "; ".join(problems) + f". Fix: {SETUP_HINT}.",
+                    pytrace=False)
+    return node, chromium
+
+
+@pytest.fixture(scope="module")
+def pack_nodes(server):
+    info = server.get("/object_info")
+    nodes = [{"type": name, "display_name": spec["display_name"], "category": spec["category"]}
+             for name, spec in info.items()
+             if spec.get("category", "").split("/")[0] == CATEGORY]
+    ours = {name for name, spec in info.items() if "tune-a-video" in spec.get("python_module", "").lower()}
+    assert ours, "the server lists no node of this pack"
+    assert ours == {n["type"] for n in nodes}, \
+        f"pack nodes outside the {CATEGORY} category: {sorted(ours - {n['type'] for n in nodes})}"
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def frontend(server, pack_nodes, tmp_path_factory):
+    """Run the browser session once for this module; returns its JSON result."""
+    node, chromium = _browser_tools()
+    work = tmp_path_factory.mktemp("frontend")
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    run_graph = json.loads((PACK_DIR / "workflows" / RUN_WORKFLOW).read_text())
+    seed = random.randrange(1, 2**31)  # a fresh seed: ComfyUI would otherwise reuse a cached result
+    widgets = [
+        ["CheckpointLoaderSimple", "ckpt_name", comfy_runtime.CHECKPOINT_NAME],
+        ["EmptyLatentImage", "width", RUN_SIZE["width"]],
+        ["EmptyLatentImage", "height", RUN_SIZE["height"]],
+        ["EmptyLatentImage", "batch_size", RUN_SIZE["frames"]],
+        ["TuneAVideoSampler", "steps", RUN_SIZE["steps"]],
+        ["TuneAVideoSampler", "seed", seed],
+        ["TuneAVideoSaveVideo", "filename_prefix", RUN_PREFIX],
+    ]
+    config = {
+        "url": server.url + "/",
+        "chromium": chromium,
+        "node_prefix": str(NODE_PREFIX),
+        "artifacts": str(ARTIFACTS),
+        "result": str(work / "result.json"),
+        "nodes": pack_nodes,
+        "workflows": [{"name": p.name, "graph": json.loads(p.read_text())} for p in UI_WORKFLOWS],
+        "run": {"name": RUN_WORKFLOW, "graph": run_graph, "widgets": widgets,
+                "output_type": "TuneAVideoSaveVideo", "timeout_ms": 150_000},
+    }
+    (work / "config.json").write_text(json.dumps(config))
+    try:
+        proc = subprocess.run([node, str(SCRIPT), str(work / "config.json")], capture_output=True,
+                              text=True, timeout=240, cwd=PACK_DIR)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the browser session did not end within 240 s: {e.stdout}\n{e.stderr}", pytrace=False)
+    result_path = work / "result.json"
+    if not result_path.is_file():
+        pytest.fail(f"the browser session gave no result (exit {proc.returncode}):\n"
+                    f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", pytrace=False)
+    result = json.loads(result_path.read_text())
+    (ARTIFACTS / "result.json").write_text(json.dumps(result, indent=1))
+    result["_log"] = f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    result["_server"] = server
+    return result
+
+
+def _phase(frontend, name):
+    assert "fatal" not in frontend, f"browser session failed: {frontend['fatal']}\n{frontend['_log']}"
+    startup = frontend["phases"].get("startup", {})
+    assert startup.get("ok"), f"the frontend did not load: {startup.get('error')}\n{frontend['_log']}"
+    out = frontend["phases"].get(name)
+    assert out is not None, f"phase {name} did not run\n{frontend['_log']}"
+    assert out["ok"], f"{name}: {out.get('error')} (screenshot: {out.get('screenshot')})"
+    return out
+
+
+def test_browser_tools_installed():
+    """A clear failure (not a skip) where setup could not install the browser."""
+    _browser_tools()
+
+
+def test_every_pack_node_is_in_the_node_library(frontend, pack_nodes):
+    out = _phase(frontend, "node_library")
+    assert len(pack_nodes) >= 5
+    not_found = {n["display_name"]: out["found"].get(n["type"]) for n in pack_nodes
+                 if out["found"].get(n["type"]) != {"search": True, "tree": True}}
+    assert not not_found, f"nodes not findable in the Node Library (search / category tree): {not_found}"
+    assert sorted(out["listed"] or []) == sorted(n["display_name"] for n in pack_nodes), \
+        f"the {CATEGORY} folder lists {out['listed']}"
+
+
+def test_ui_workflows_exist():
+    assert {p.name for p in UI_WORKFLOWS} >= {"tav_video_edit.json", "tav_text_to_video.json"}
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.name for p in UI_WORKFLOWS])
+def test_ui_workflow_loads_in_the_frontend(frontend, path):
+    out = _phase(frontend, f"workflow:{path.name}")
+    saved = json.loads(path.read_text())
+    assert not out["dialogs"], f"dialogs after loading {path.name}: {out['dialogs']}"
+    unknown = [(n["id"], n["type"]) for n in out["nodes"] if not n["registered"] or n["has_errors"]]
+    assert not unknown, f"node types the frontend does not know: {unknown}"
+    assert sorted(n["id"] for n in out["nodes"]) == sorted(n["id"] for n in saved["nodes"])
+    assert not out["problems"], "broken links:\n" + "\n".join(out["problems"])
+    # the frontend drops links it cannot connect: all of the file's links must have survived
+    assert sorted(map(tuple, out["links"])) == sorted(tuple(link) for link in saved["links"])
+
+
+def test_missing_node_detection_works(frontend):
+    """Control: the checks above do catch an unknown node type (so their silence means something)."""
+    out = _phase(frontend, "missing_node_control")
+    assert any(not n["registered"] for n in out["nodes"])
+    assert any(d["id"] == "global-missing-nodes" or "missing" in d["text"].lower() for d in out["dialogs"]), \
+        out["dialogs"]
+
+
+def test_workflow_queued_from_the_ui_shows_its_video(frontend):
+    out = _phase(frontend, "run")
+    assert out["prompt_response"] and out["prompt_response"]["status"] == 200, \
+        f"/prompt refused the workflow: {out['prompt_response']}"
+    errors = [e["detail"] for e in out["events"] if e["type"] in ("execution_error", "execution_interrupted")]
+    assert not errors, f"the run failed: {json.dumps(errors)[:3000]}"
+    assert any(e["type"] == "execution_success" for e in out["events"]), out["events"]
+    # the widgets set through app.graph are what the UI sent
+    prompt = out["prompt"]
+    by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
+    assert by_type["TuneAVideoSampler"]["steps"] == RUN_SIZE["steps"]
+    assert by_type["EmptyLatentImage"]["batch_size"] == RUN_SIZE["frames"]
+    assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == comfy_runtime.CHECKPOINT_NAME
+    # the save node ran (not served from cache) and reported the file
+    executed = [e["detail"] for e in out["events"] if e["type"] == "executed"]
+    saved = [img for d in executed for img in d["output"].get("images", [])]
+    assert len(saved) == 1 and saved[0]["filename"].startswith("frontend_test_"), executed
+    server = frontend["_server"]
+    file = server.base_dir / "output" / saved[0]["subfolder"] / saved[0]["filename"]
+    assert file.is_file() and file.stat().st_size > 0
+    # ... and the page shows it: a <video> (or an animated <img>) with src=/view?filename=<it>
+    previews = [p for p in out.get("preview", [])
+                if urllib.parse.parse_qs(urllib.parse.urlsplit(p["src"]).query).get("filename") == [saved[0]["filename"]]]
+    assert previews, f"no preview of {saved[0]['filename']} on the page: {out.get('preview')}"
+    preview = previews[0]
+    assert preview["tag"] in ("video", "img") and preview["visible"], preview
+    assert (preview["width"], preview["height"]) == (RUN_SIZE["width"], RUN_SIZE["height"]), \
+        f"the browser did not decode the preview: {preview}"
+    assert (ARTIFACTS / f"04_run_{RUN_WORKFLOW.removesuffix('.json')}.png").is_file()
