@@ -21,6 +21,18 @@ def long_sample(name):
     return put(txt2vid(name, frames=4), "8", steps=LONG_STEPS)
 
 
+def long_tune(name):
+    """Tune (many steps) -> invert -> sample: cancel lands inside the tuning loop."""
+    wf = edit_workflow(name)
+    wf["13"] = {"class_type": "TuneAVideoTune", "inputs": {
+        "model": ["2", 0], "latent": ["4", 0], "positive": ["6", 0], "steps": LONG_STEPS,
+        "learning_rate": 3e-5, "seed": 0, "trainable": "queries+temporal", "precision": "fp32",
+        "gradient_checkpointing": True}}
+    wf["7"]["inputs"]["model"] = ["13", 0]
+    wf["8"]["inputs"]["model"] = ["13", 0]
+    return wf
+
+
 def short_run(name, seed, uncached=False):
     wf = put(txt2vid(name, frames=2), "8", seed=seed)
     if uncached:  # an exact no-op (x 1.0) before the sampler so the cache cannot answer it
@@ -52,8 +64,9 @@ def video_frames(server, entry, node="10"):
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
-@pytest.mark.parametrize("build,stage", [(long_invert, "TuneAVideoInvert"), (long_sample, "TuneAVideoSampler")],
-                         ids=["inversion", "sampling"])
+@pytest.mark.parametrize("build,stage", [(long_tune, "TuneAVideoTune"), (long_invert, "TuneAVideoInvert"),
+                                         (long_sample, "TuneAVideoSampler")],
+                         ids=["tuning", "inversion", "sampling"])
 def test_interrupt_mid_run_then_the_next_prompt_works(server, random_checkpoint, hostile_inputs, build, stage):
     name = Path(random_checkpoint).name
     reference = server.run_ok(short_run(name, seed=11))
