@@ -49,10 +49,12 @@ def _groups(positions: tuple[int, ...], mode: str, radius: int):
     for i, k in enumerate(keys):
         groups.setdefault(len(k), []).append(i)
     out = []
-    for frames in groups.values():
-        idx = [keys[i] for i in frames]
-        shared = all(row == idx[0] for row in idx)  # e.g. full, first_frame: one key set per clip
-        out.append((torch.tensor(frames), torch.tensor(idx), shared))
+    # Cached across calls: never inference tensors, or a later training step could not use them.
+    with torch.inference_mode(False):
+        for frames in groups.values():
+            idx = [keys[i] for i in frames]
+            shared = all(row == idx[0] for row in idx)  # e.g. full, first_frame: one key set per clip
+            out.append((torch.tensor(frames), torch.tensor(idx), shared))
     return tuple(out)
 
 

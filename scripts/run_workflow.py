@@ -2,13 +2,15 @@
 
 Against a running ComfyUI (--server URL), or one this script starts with this pack installed
 (in --base-dir, default out/comfy). The obvious inputs are substituted into the workflow by node
-type, not by node id: the video, the prompts, checkpoint, seed, frames, steps, size.
+type, not by node id: the video, the prompts, checkpoint, seed, frames, steps, size, and the one-shot
+tuning's steps and precision (--tune-steps, --precision; --steps is the DDIM schedule only).
 
     python scripts/run_workflow.py workflows/tav_video_edit_api.json --video clip.mp4 \\
         --prompt "a tiger walking in the snow" --checkpoint v1-5-pruned-emaonly.safetensors
 
 Progress goes to stderr; stdout gets one line per output file (an absolute path when the server's
-output folder is on this machine, else its /view URL). Exit status 1 with the server's error message
+output folder is on this machine, else its /view URL), saved adapters included (models/tune_a_video/...,
+absolute when the server's base folder is on this machine). Exit status 1 with the server's error message
 when the workflow is refused or fails.
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_runtime  # noqa: E402
 
-SAMPLER, INVERT = "TuneAVideoSampler", "TuneAVideoInvert"
+SAMPLER, INVERT, TUNE = "TuneAVideoSampler", "TuneAVideoInvert", "TuneAVideoTune"
+ADAPTER_KEY, ADAPTER_FOLDER = "adapters", "tune_a_video"  # TuneAVideoSaveAdapter's ui output
 LOAD_FRAMES, SAVE_VIDEO = "TuneAVideoLoadFrames", "TuneAVideoSaveVideo"
 TEXT_ENCODE, CHECKPOINT, EMPTY_LATENT = "CLIPTextEncode", "CheckpointLoaderSimple", "EmptyLatentImage"
 
@@ -78,9 +81,11 @@ def _set_text(prompt, class_type, input_name, text, option) -> None:
 
 def substitute(prompt: dict, *, video=None, positive=None, source_prompt=None, negative=None,
                checkpoint=None, seed=None, frames=None, steps=None, cfg=None, width=None, height=None,
-               fps=None, filename_prefix=None) -> dict:
+               fps=None, filename_prefix=None, tune_steps=None, precision=None) -> dict:
     """A copy of the API-format prompt with the given options set (None = leave as is).
 
+    source_prompt is the clip's prompt: the tuning's positive text (and its prompt_text) when the workflow
+    tunes, else the inversion's conditioning. steps sets sampling and inversion, never the tuning's steps.
     Raises WorkflowError when an option has no node to go to (e.g. video in text-to-video).
     """
     p = copy.deepcopy(prompt)
@@ -93,7 +98,15 @@ def substitute(prompt: dict, *, video=None, positive=None, source_prompt=None, n
     if negative is not None:
         _set_text(p, SAMPLER, "negative", negative, "--negative")
     if source_prompt is not None:
-        _set_text(p, INVERT, "conditioning", source_prompt, "--source-prompt")
+        if nodes_of(p, TUNE):  # Tune-A-Video: tune on the clip's prompt, invert with the empty prompt
+            _set_text(p, TUNE, "positive", source_prompt, "--source-prompt")
+            _set_inputs(p, [TUNE], {"prompt_text": source_prompt}, "--source-prompt")
+        else:
+            _set_text(p, INVERT, "conditioning", source_prompt, "--source-prompt")
+    if tune_steps is not None:
+        _set_inputs(p, [TUNE], {"steps": tune_steps}, "--tune-steps")
+    if precision is not None:
+        _set_inputs(p, [TUNE], {"precision": precision}, "--precision")
     if seed is not None:
         _set_inputs(p, [SAMPLER], {"seed": seed}, "--seed")
     if cfg is not None:
@@ -284,17 +297,25 @@ def failure_message(entry: dict) -> str:
 
 
 def output_files(entry: dict) -> list[dict]:
-    """Every {filename, subfolder, type='output'} the output nodes reported, in node order."""
+    """Every {filename, subfolder, type='output'} the output nodes reported, in node order, and every
+    saved adapter ({filename (relative to models/tune_a_video), type='tune_a_video'})."""
     found = []
     for nid in sorted(entry.get("outputs", {}), key=lambda n: (len(n), n)):
-        for items in entry["outputs"][nid].values():
+        for key, items in entry["outputs"][nid].items():
             for item in items if isinstance(items, list) else []:
-                if isinstance(item, dict) and item.get("filename") and item.get("type", "output") == "output":
+                if not (isinstance(item, dict) and item.get("filename")):
+                    continue
+                if key == ADAPTER_KEY:
+                    found.append({"filename": item["filename"], "type": ADAPTER_FOLDER})
+                elif item.get("type", "output") == "output":
                     found.append(item)
     return found
 
 
-def locate(client: Client, item: dict, output_dir: Path | None) -> str:
+def locate(client: Client, item: dict, output_dir: Path | None, base_dir: Path | None = None) -> str:
+    if item.get("type") == ADAPTER_FOLDER:  # not servable by /view: a path under the server's models/
+        rel = Path("models") / ADAPTER_FOLDER / item["filename"]
+        return str((base_dir / rel).resolve()) if base_dir is not None else rel.as_posix()
     if output_dir is not None:
         path = output_dir / item.get("subfolder", "") / item["filename"]
         if path.is_file():
@@ -315,13 +336,17 @@ def parse_args(argv):
                    help="base directory of the ComfyUI this script starts (default: %(default)s)")
     p.add_argument("--video", type=Path, help="source clip, uploaded into the server's input/")
     p.add_argument("--prompt", help="the (edited) prompt")
-    p.add_argument("--source-prompt", help="the prompt the source clip is inverted with (default: empty)")
+    p.add_argument("--source-prompt", help="the source clip's prompt: what it is tuned on (TuneAVideoTune), "
+                   "else what it is inverted with (default: empty)")
     p.add_argument("--negative", help="the negative prompt")
     p.add_argument("--checkpoint", help="a checkpoint name the server knows, or a file path "
                                         "(linked into the server's models/checkpoints)")
     p.add_argument("--seed", type=int)
     p.add_argument("--frames", type=int, help="frames to load from the clip, or to generate")
-    p.add_argument("--steps", type=int, help="DDIM steps (inversion and sampling)")
+    p.add_argument("--steps", type=int, help="DDIM steps (inversion and sampling; not the tuning)")
+    p.add_argument("--tune-steps", type=int, help="optimizer steps of the one-shot tuning (TuneAVideoTune)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="precision of the one-shot tuning (fp32 on a CPU)")
     p.add_argument("--cfg", type=float)
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
@@ -372,12 +397,13 @@ def run(args) -> list[str]:
         prompt = substitute(workflow, video=video, positive=args.prompt, source_prompt=args.source_prompt,
                             negative=args.negative, checkpoint=checkpoint, seed=args.seed,
                             frames=args.frames, steps=args.steps, cfg=args.cfg, width=args.width,
-                            height=args.height, fps=args.fps, filename_prefix=args.filename_prefix)
+                            height=args.height, fps=args.fps, filename_prefix=args.filename_prefix,
+                            tune_steps=args.tune_steps, precision=args.precision)
         entry = run_prompt(client, prompt, args.timeout)
         files = output_files(entry)
         if not files:
             raise WorkflowError("the workflow finished but reported no output files")
-        return [locate(client, item, folders.get("output")) for item in files]
+        return [locate(client, item, folders.get("output"), folders.get("base")) for item in files]
     finally:
         if server is not None:
             server.stop()

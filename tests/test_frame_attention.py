@@ -146,3 +146,13 @@ def test_temporal_attention_matches_reference(frames, chunks):
         got = module(x, frames)
     assert (got.double() - reference_temporal(module, x, frames)).abs().max().item() <= 1e-5
     assert (got - x).abs().max().item() > 1e-3
+
+
+def test_cached_frame_indices_serve_training_after_inference():
+    """ComfyUI runs nodes under inference_mode; a later tuning step reuses the cached indices."""
+    q, k, v = (torch.randn(3, 4, 8) for _ in range(3))
+    with torch.inference_mode():
+        fa.frame_attention(q, k, v, 2, 1, (0, 1, 2), "sparse_causal")
+    qg = q.clone().requires_grad_()
+    fa.frame_attention(qg, k, v, 2, 1, (0, 1, 2), "sparse_causal").sum().backward()
+    assert qg.grad is not None and qg.grad.abs().sum() > 0

@@ -14,6 +14,7 @@ import run_workflow
 PACK_DIR = Path(__file__).resolve().parent.parent
 API_FILES = sorted((PACK_DIR / "workflows").glob("*_api.json"))
 SMALL = dict(frames=4, steps=2, width=64, height=64)  # seconds per run on 2 CPU cores
+SMALL_TUNE = dict(tune_steps=2, precision="fp32")  # for workflows with TuneAVideoTune (fp32: fastest on CPU)
 
 
 def _ids(paths):
@@ -39,7 +40,8 @@ def decode(path):
 
 
 def test_shipped_workflows_come_in_pairs():
-    assert {p.name for p in API_FILES} >= {"tav_video_edit_api.json", "tav_text_to_video_api.json"}
+    assert {p.name for p in API_FILES} >= {"tav_video_edit_api.json", "tav_text_to_video_api.json",
+                                           "tav_tune_and_edit_api.json"}
     for api in API_FILES:
         assert api_to_ui.ui_path(api).is_file(), f"{api.name} has no UI twin; run scripts/api_to_ui.py"
 
@@ -146,6 +148,24 @@ def test_substitute_finds_nodes_by_type():
         run_workflow.substitute(t2v, video="x.mp4")
     latent = run_workflow.substitute(t2v, frames=5)[run_workflow.nodes_of(t2v, "EmptyLatentImage")[0]]
     assert latent["inputs"]["batch_size"] == 5
+    with pytest.raises(run_workflow.WorkflowError, match="TuneAVideoTune"):
+        run_workflow.substitute(t2v, tune_steps=3)
+
+
+def test_substitute_tuning_workflow():
+    api = json.loads((PACK_DIR / "workflows" / "tav_tune_and_edit_api.json").read_text())
+    out = run_workflow.substitute(api, source_prompt="a ball", steps=3, tune_steps=7, precision="fp32")
+    tune = out[run_workflow.nodes_of(out, "TuneAVideoTune")[0]]["inputs"]
+    invert = out[run_workflow.nodes_of(out, "TuneAVideoInvert")[0]]["inputs"]
+    sampler = out[run_workflow.nodes_of(out, "TuneAVideoSampler")[0]]["inputs"]
+    assert (tune["steps"], tune["precision"], tune["prompt_text"]) == (7, "fp32", "a ball")
+    assert out[tune["positive"][0]]["inputs"]["text"] == "a ball"
+    assert out[invert["conditioning"][0]]["inputs"]["text"] == ""  # TAV inverts with the empty prompt
+    assert sampler["steps"] == invert["steps"] == 3
+    assert tune["model"] == api[run_workflow.nodes_of(api, "TuneAVideoTune")[0]]["inputs"]["model"]
+    assert invert["model"][0] == sampler["model"][0] == run_workflow.nodes_of(out, "TuneAVideoTune")[0]
+    kept = run_workflow.substitute(api, steps=3)[run_workflow.nodes_of(api, "TuneAVideoTune")[0]]["inputs"]
+    assert (kept["steps"], kept["learning_rate"], kept["precision"]) == (500, 3e-5, "bf16")
 
 
 # --- running them on the real server ---------------------------------------------------------
@@ -155,11 +175,19 @@ def test_api_workflow_runs(api_path, server, sample_clip, random_checkpoint):
     api = json.loads(api_path.read_text())
     client = run_workflow.Client(server.url)
     video = client.upload(sample_clip) if run_workflow.nodes_of(api, "TuneAVideoLoadFrames") else None
-    prompt = run_workflow.substitute(api, video=video, checkpoint=random_checkpoint.name, **SMALL)
+    tunes = bool(run_workflow.nodes_of(api, "TuneAVideoTune"))
+    prompt = run_workflow.substitute(api, video=video, checkpoint=random_checkpoint.name, **SMALL,
+                                     **(SMALL_TUNE if tunes else {}))
     entry = run_workflow.run_prompt(client, prompt, timeout=900)
     files = run_workflow.output_files(entry)
-    assert len(files) == 1, files
-    path = server.base_dir / "output" / files[0]["subfolder"] / files[0]["filename"]
+    adapters = [f for f in files if f["type"] == "tune_a_video"]
+    videos = [f for f in files if f["type"] == "output"]
+    assert len(adapters) == tunes and len(videos) == 1, files
+    for item in adapters:
+        located = Path(run_workflow.locate(client, item, None, server.base_dir))
+        assert located == (server.base_dir / "models" / "tune_a_video" / item["filename"]).resolve()
+        assert located.suffix == ".safetensors" and located.stat().st_size > 0
+    path = server.base_dir / "output" / videos[0]["subfolder"] / videos[0]["filename"]
     frames = decode(path)
     assert len(frames) == SMALL["frames"]
     assert frames[0].shape == (SMALL["height"], SMALL["width"], 3)
