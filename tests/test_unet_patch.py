@@ -1,11 +1,9 @@
 """The attention patch on a real ComfyUI ModelPatcher (tiny UNet from ComfyUI's own classes, fp32)."""
-import math
-
 import pytest
 import torch
 
 import tavlib
-from test_frame_attention import reference_clip_group_norm, reference_keys
+from test_frame_attention import reference_attention, reference_clip_group_norm, reference_keys
 
 up = tavlib.pack_module("attention_patches.unet_patch")
 MODES = tavlib.pack_module("attention_patches.frame_attention").MODES
@@ -30,20 +28,7 @@ def max_diff(a, b):
 def reference_attn1(mode, radius):
     def attn1(q, k, v, extra_options):
         chunks = len(extra_options["cond_or_uncond"])
-        frames = q.shape[0] // chunks
-        heads = extra_options["n_heads"]
-        d = q.shape[-1] // heads
-        out = torch.empty_like(q)
-        for c in range(chunks):
-            for i in range(frames):
-                keys = reference_keys(i, frames, mode, radius)
-                K = torch.cat([k[c * frames + j] for j in keys])
-                V = torch.cat([v[c * frames + j] for j in keys])
-                for h in range(heads):
-                    s = slice(h * d, (h + 1) * d)
-                    w = torch.softmax(q[c * frames + i][:, s] @ K[:, s].T / math.sqrt(d), dim=-1)
-                    out[c * frames + i][:, s] = w @ V[:, s]
-        return out
+        return reference_attention(q, k, v, extra_options["n_heads"], chunks, mode, radius).to(q.dtype)
     return attn1
 
 
