@@ -39,8 +39,6 @@ def run_one(mode: str, frames: int, size: int, chunk: int, overlap: int, threads
     import torch
     import comfy.conds
     import comfy.model_management
-    import comfy.model_patcher
-    import comfy.sampler_helpers
     import comfy.samplers
 
     from benchmark_attention import build_model
@@ -59,8 +57,7 @@ def run_one(mode: str, frames: int, size: int, chunk: int, overlap: int, threads
     ctx = torch.randn(1, 77, 768, generator=g)
     comfy.model_management.load_models_gpu([model])
     model.pre_run()
-    options = comfy.model_patcher.create_model_options_clone(model.model_options)
-    comfy.sampler_helpers.prepare_model_patcher(model, {}, options)
+    options = comfy_runtime.sampler_options(model)
     conds = [[{"model_conds": {"c_crossattn": comfy.conds.CONDCrossAttn(ctx)}, "uuid": uuid.uuid4()}]]
     ts = torch.full((frames,), 5.0)
 

@@ -101,6 +101,20 @@ def load_pack(name: str = "comfyui_tune_a_video"):
     return module
 
 
+def sampler_options(model) -> dict:
+    """A ModelPatcher's model_options as CFGGuider prepares them (its wrappers/callbacks merged in).
+
+    Direct model calls (tests, benchmarks) need this: Tune-A-Video's temporal attention and
+    frame-shared norm run inside a DIFFUSION_MODEL wrapper.
+    """
+    import comfy.model_patcher
+    import comfy.sampler_helpers
+
+    options = comfy.model_patcher.create_model_options_clone(model.model_options)
+    comfy.sampler_helpers.prepare_model_patcher(model, {}, options)
+    return options
+
+
 # --- a seeded random-weight checkpoint that ComfyUI detects as SD1.5 -------------------------
 
 def _fill_random(module, generator, dtype):

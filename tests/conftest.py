@@ -20,6 +20,17 @@ def tav():
     return tavlib.load_pack()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on 2 shared cores: oversubscribed OpenMP threads spin; one thread stays steady."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def random_checkpoint():
     return comfy_runtime.random_checkpoint()

@@ -86,8 +86,6 @@ def predict(model, x, sigma=1.0, contexts=None, batched=True):
     """
     import comfy.conds
     import comfy.model_management
-    import comfy.model_patcher
-    import comfy.sampler_helpers
     import comfy.samplers
 
     contexts = contexts or [context(100)]
@@ -101,9 +99,9 @@ def predict(model, x, sigma=1.0, contexts=None, batched=True):
 
     conds = [[{"model_conds": model_conds(c), "uuid": uuid.uuid4()}] for c in contexts]
     ts = torch.full((x.shape[0],), float(sigma))
-    # As CFGGuider.outer_sample does: the patcher's wrappers/callbacks join the model options.
-    options = comfy.model_patcher.create_model_options_clone(model.model_options)
-    comfy.sampler_helpers.prepare_model_patcher(model, {}, options)
+    import comfy_runtime
+
+    options = comfy_runtime.sampler_options(model)  # as CFGGuider does: wrappers included
     with torch.no_grad():
         if batched:
             return comfy.samplers.calc_cond_batch(model.model, conds, x, ts, options)

@@ -23,12 +23,7 @@ CLIP = tavlib.latents(FRAMES)
 X = tavlib.latents(FRAMES, seed=9)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def fresh_base(**kw):

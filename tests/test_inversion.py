@@ -135,13 +135,6 @@ def round_trip(model, cond, latent, steps, k):
     return noise, out
 
 
-@pytest.fixture
-def one_thread():
-    """2 shared cores: oversubscribed OpenMP threads spin (10x slower); one thread stays steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_inversion_round_trip_through_the_nodes(smooth_sd15, one_thread):
