@@ -2,19 +2,25 @@
 
 File keys use ComfyUI's UNet naming; <block> is a transformer block path such as
 input_blocks.1.1.transformer_blocks.0:
-    diffusion_model.<block>.attn1.to_q.diff         query delta W_tuned - W_base (fp16); ComfyUI's
-    diffusion_model.<block>.attn2.to_q.diff         LoRA loader reads `.diff` keys too
-    diffusion_model.<block>.attn_temp.<param>       temporal attention weights (fp16)
+    diffusion_model.<block>.attn1.to_q.diff         query delta W_tuned - W_base (trained layers only);
+    diffusion_model.<block>.attn2.to_q.diff         ComfyUI's LoRA loader reads `.diff` keys too
+    diffusion_model.<block>.attn_temp.<param>       the whole temporal attention, trained or not
     diffusion_model.<block>.norm_temp.<param>
-Only trained tensors are stored. Metadata (all strings): format, format_version, source, model_family,
-block_layout (JSON [[block, dim, heads, dim_head], ...]), frames, latent_size, prompt, steps,
-learning_rate, seed, trainable, precision, attention_mode, window_radius, temporal_attention,
-frame_shared_norm, final_loss, pack_version.
+Tensors are fp32 unless Save Adapter was asked for fp16/bf16 (metadata storage_dtype); in memory they are
+always fp32. Metadata (all strings): format, format_version, source, model_family, block_layout (JSON
+[[block, dim, heads, dim_head], ...]), frames, latent_size, prompt, steps, learning_rate, seed, trainable,
+precision, attention_mode, window_radius, temporal_attention, frame_shared_norm, temporal_init,
+storage_dtype, final_loss, pack_version.
 
 The official Tune-A-Video UNet (diffusers naming, `down_blocks.i.attentions.j.transformer_blocks.k.…`,
 optionally prefixed `unet.`) is read too: its attn1/attn2 query WEIGHTS become deltas against the model
 they are loaded onto, its attn_temp/norm_temp weights become the temporal attention; every other key is
-ignored. Block paths are mapped with ComfyUI's own comfy.utils.unet_to_diffusers.
+ignored. Block paths are mapped with ComfyUI's own comfy.utils.unet_to_diffusers. Deltas are always taken
+against the checkpoint's own weights (unet_patch.base_weight), whatever clone of it is loaded.
+
+A model carrying an adapter remembers it (a ModelPatcher attachment), so adapters stack: applying or
+tuning on top of one gives a model whose adapter_of() holds the sum of both deltas and the latest
+temporal attention -- everything needed to rebuild the model on its bare checkpoint.
 
 Only safetensors is ever opened (no pickle).
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,14 +38,15 @@ import torch
 import comfy.utils
 
 from .temporal_attention import TemporalAttention
-from .unet_patch import TAVConfig, apply_tav, get_tav_patch, transformer_blocks, unet_of
+from .unet_patch import TAVConfig, apply_tav, base_weight, get_tav_patch, transformer_blocks, unet_of
 
 FORMAT = "tune_a_video_adapter"
 FORMAT_VERSION = "1"
 PREFIX = "diffusion_model."
 DELTA_SUFFIX = ".diff"
 TEMPORAL_PARTS = (".attn_temp.", ".norm_temp.")
-STORAGE_DTYPE = torch.float16
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ADAPTER_KEY = "tune_a_video_adapter"
 OFFICIAL_PREFIXES = ("down_blocks.", "mid_block.", "up_blocks.")
 OFFICIAL_QUERIES = ("attn1.to_q.weight", "attn2.to_q.weight")
 
@@ -56,7 +64,7 @@ PACK_VERSION = _pack_version()
 
 @dataclass(frozen=True)
 class TAVAdapter:
-    """The tuned part of a model (the TAV_ADAPTER value). Tensors are fp16 on CPU.
+    """The tuned part of a model (the TAV_ADAPTER value). Tensors are fp32 on CPU.
 
     deltas: model state-dict key (`diffusion_model.<block>.attn1.to_q.weight`) -> W_tuned - W_base.
     temporal: temporal_state_dict key (`<block>.attn_temp.to_q.weight`, ...) -> weight.
@@ -83,14 +91,14 @@ def block_layout(model) -> list[list]:
 
 
 def make_adapter(model, deltas: dict, temporal: dict, **info) -> TAVAdapter:
-    """An adapter for `model` (the base it was tuned on) from trained tensors, stored as fp16.
+    """An adapter for `model` (the base it was tuned on) from trained tensors, kept as fp32.
 
     info: extra metadata (frames, prompt, steps, learning_rate, ...); values become strings.
     """
     def store(name, t):
-        t = t.detach().to(device="cpu", dtype=STORAGE_DTYPE).contiguous()
+        t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
         if not torch.isfinite(t).all():
-            raise ValueError(f"Tune-A-Video adapter: {name} does not fit in fp16 (values beyond ±65504). "
+            raise ValueError(f"Tune-A-Video adapter: {name} holds NaN or infinite values. "
                              "The tuning diverged: lower learning_rate or steps and tune again.")
         return t
 
@@ -101,19 +109,32 @@ def make_adapter(model, deltas: dict, temporal: dict, **info) -> TAVAdapter:
         "model_family": model_family(model), "block_layout": json.dumps(block_layout(model)),
         "attention_mode": config.attention_mode, "window_radius": str(config.window_radius),
         "temporal_attention": str(config.temporal_attention or bool(temporal)),
-        "frame_shared_norm": str(config.frame_shared_norm), "pack_version": PACK_VERSION,
+        "frame_shared_norm": str(config.frame_shared_norm), "temporal_init": config.temporal_init,
+        "pack_version": PACK_VERSION,
     }
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
     return TAVAdapter({k: store(k, v) for k, v in deltas.items()},
                       {k: store(k, v) for k, v in temporal.items()}, metadata)
 
 
-def save_adapter(adapter: TAVAdapter, path) -> Path:
+def save_adapter(adapter: TAVAdapter, path, storage: str = "fp32") -> Path:
+    """Write the adapter as .safetensors; storage fp16/bf16 halves the file (recorded as storage_dtype)."""
     import safetensors.torch
 
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGE_DTYPES)}, got {storage!r}.")
+    tensors = {}
+    for key, value in adapter.tensors().items():
+        tensors[key] = value.to(STORAGE_DTYPES[storage]).contiguous()
+        if not torch.isfinite(tensors[key]).all():
+            raise ValueError(f"Tune-A-Video adapter: {key} does not fit in {storage} (values beyond its range); "
+                             "save it as fp32.")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    safetensors.torch.save_file(adapter.tensors(), str(tmp), metadata=adapter.metadata)
+    safetensors.torch.save_file(tensors, str(tmp), metadata={**adapter.metadata, "storage_dtype": storage})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # readable like any other model file
     tmp.replace(path)  # never leave a half-written adapter under the final name
     return path
 
@@ -146,6 +167,7 @@ def load_adapter_file(path, model) -> TAVAdapter:
     `model` is the MODEL it will be applied to (official query weights become deltas against it).
     """
     tensors, metadata = read_safetensors(path)
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}  # fp32 in memory
     name = Path(path).name
     if metadata.get("format") == FORMAT or any(k.startswith(PREFIX) for k in tensors):
         return _parse_adapter(tensors, metadata, name)
@@ -182,8 +204,8 @@ def official_block_paths(model) -> dict[str, str]:
 def official_to_adapter(model, tensors: dict, name: str = "official UNet") -> TAVAdapter:
     """An official Tune-A-Video UNet state dict (diffusers keys) as an adapter for `model`.
 
-    Query weights W_official become deltas W_official - W_model; attn_temp/norm_temp weights are taken
-    as they are. The model's own weights are read, never written.
+    Query weights W_official become deltas W_official - W_checkpoint (the checkpoint's own unpatched
+    weight, in fp32); attn_temp/norm_temp weights are taken as they are. Nothing is written.
     """
     blocks = official_block_paths(model)
     deltas, temporal, ignored = {}, {}, 0
@@ -218,7 +240,7 @@ def official_to_adapter(model, tensors: dict, name: str = "official UNet") -> TA
 
 def _model_weight(model, key, name, shape) -> torch.Tensor:
     try:
-        weight = comfy.utils.get_attr(model.model, key)
+        weight = base_weight(model, key)
     except AttributeError:
         raise ValueError(f"{name}: {key} does not exist in this model; the file was made for another "
                          "model family or UNet layout.") from None
@@ -261,13 +283,15 @@ def config_from_metadata(metadata: dict) -> TAVConfig:
     return TAVConfig(metadata.get("attention_mode", default.attention_mode),
                      int(metadata.get("window_radius", default.window_radius)),
                      metadata.get("temporal_attention", str(default.temporal_attention)) == "True",
-                     metadata.get("frame_shared_norm", str(default.frame_shared_norm)) == "True")
+                     metadata.get("frame_shared_norm", str(default.frame_shared_norm)) == "True",
+                     metadata.get("temporal_init", default.temporal_init))
 
 
 def apply_adapter(model, adapter: TAVAdapter, name: str = "adapter"):
     """A clone of `model` carrying the adapter: Tune-A-Video's attention (the model's own settings if it is
     already patched, else the adapter's), the adapter's temporal attention weights, and its query deltas
-    as ("diff", delta) weight patches (so LoRAs stack with it). `model` is left untouched.
+    as ("diff", delta) weight patches (so LoRAs stack with it). `model` is left untouched. The clone
+    remembers the stacked adapter (adapter_of).
     """
     check_fits(model, adapter, name)
     patch = get_tav_patch(model)
@@ -280,4 +304,20 @@ def apply_adapter(model, adapter: TAVAdapter, name: str = "adapter"):
         missing = sorted(set(adapter.deltas) - added)
         if missing:
             raise ValueError(f"{name}: {len(missing)} query deltas found no weight in this model (e.g. {missing[0]}).")
+    tuned.set_attachments(ADAPTER_KEY, stack(adapter_of(model), adapter))
     return tuned
+
+
+def adapter_of(model) -> TAVAdapter | None:
+    """The adapter a model carries on top of its checkpoint (all adapters applied or tuned so far), if any."""
+    return model.get_attachment(ADAPTER_KEY)
+
+
+def stack(below: TAVAdapter | None, above: TAVAdapter) -> TAVAdapter:
+    """One adapter equal to applying `below` and then `above`: deltas add, the latest temporal attention wins."""
+    if below is None:
+        return above
+    deltas = dict(below.deltas)
+    for key, delta in above.deltas.items():
+        deltas[key] = deltas[key] + delta if key in deltas else delta
+    return TAVAdapter(deltas, dict(above.temporal or below.temporal), dict(above.metadata))

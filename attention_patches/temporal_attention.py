@@ -2,7 +2,7 @@
 
 Added after each transformer block's feed-forward: x + attn_temp(norm_temp(x)) with x rearranged
 (b*f, d, c) -> (b*d, f, c); the block's heads and head size, no positional encoding, output
-projection zero-initialised (an untuned model behaves exactly like SC-Attn alone).
+projection weight zero-initialised (see reset_parameters for the bias).
 
 Weights live in a module tree owned by the patch, never in the base model. Its state-dict keys
 mirror the UNet's own paths, e.g.
@@ -19,6 +19,9 @@ import comfy.ops
 from comfy.ldm.modules.attention import CrossAttention
 
 
+TEMPORAL_INITS = ("identity", "tune_a_video")
+
+
 class TemporalAttention(torch.nn.Module):
     """norm_temp + attn_temp for one transformer block (manual-cast ops: any storage dtype works)."""
 
@@ -28,35 +31,40 @@ class TemporalAttention(torch.nn.Module):
         self.norm_temp = ops.LayerNorm(dim, dtype=dtype, device=device)
         self.attn_temp = CrossAttention(query_dim=dim, heads=heads, dim_head=dim_head,
                                         dtype=dtype, device=device, operations=ops)
+        self.zero_output = False  # unknown until reset_parameters / refresh_identity
 
-    def reset_parameters(self, generator: torch.Generator):
-        """TAV's init: default Linear init for q/k/v, zero output projection, identity LayerNorm."""
+    def reset_parameters(self, generator: torch.Generator, init: str = "identity"):
+        """Seeded init. q/k/v: PyTorch's default Linear init (uniform, bound 1/sqrt(fan_in)); identity LayerNorm.
+        Output projection: "tune_a_video" zeroes its weight and keeps the default Linear init of its bias (the
+        official code); "identity" zeroes the bias too, so the untuned layer adds exactly nothing.
+        """
+        if init not in TEMPORAL_INITS:
+            raise ValueError(f"temporal_init must be one of {', '.join(TEMPORAL_INITS)}, got {init!r}")
         with torch.no_grad():
-            for lin in (self.attn_temp.to_q, self.attn_temp.to_k, self.attn_temp.to_v):
-                bound = lin.in_features ** -0.5
-                w = torch.rand(lin.weight.shape, generator=generator) * 2 * bound - bound
-                lin.weight.copy_(w)
             out = self.attn_temp.to_out[0]
+            for lin in (self.attn_temp.to_q, self.attn_temp.to_k, self.attn_temp.to_v, out):
+                bound = lin.in_features ** -0.5
+                lin.weight.copy_(torch.rand(lin.weight.shape, generator=generator) * 2 * bound - bound)
+            out.bias.copy_(torch.rand(out.bias.shape, generator=generator) * 2 * bound - bound)
             out.weight.zero_()
-            out.bias.zero_()
+            if init == "identity":
+                out.bias.zero_()
             self.norm_temp.weight.fill_(1.0)
             self.norm_temp.bias.zero_()
+        self.refresh_identity()
+
+    def refresh_identity(self):
+        """Record whether the output projection is exactly zero (then the layer adds nothing). Call after
+        writing weights; weights trained in place are only read with gradients on, where nothing is skipped."""
+        out = self.attn_temp.to_out[0]
+        with torch.inference_mode(False), torch.no_grad():
+            self.zero_output = not bool(out.weight.any() or out.bias.any())
 
     def is_identity(self) -> bool:
-        """True while the output projection is exactly zero (untuned): the layer adds nothing.
-
-        Cached on the parameters' version counters, so in-place updates (an optimizer) are seen.
-        """
+        """True while the untuned layer adds exactly zero (no weight wrappers or patches on its output)."""
         out = self.attn_temp.to_out[0]
-        if out.weight.is_inference() or out.bias.is_inference():  # no version counter: recheck
-            key = None
-        else:
-            key = (out.weight._version, out.bias._version, out.weight.data_ptr(), out.bias.data_ptr())
-        if key is None or getattr(self, "_identity_key", None) != key:
-            patched = len(getattr(out, "weight_function", ())) or len(getattr(out, "bias_function", ()))
-            self._identity = not patched and not (out.weight.any() or out.bias.any())
-            self._identity_key = key
-        return self._identity
+        patched = len(getattr(out, "weight_function", ())) or len(getattr(out, "bias_function", ()))
+        return self.zero_output and not patched
 
     def forward(self, x, frames: int, transformer_options=None):
         """x: (chunks * frames, tokens, channels) -> same shape, frames mixed at every token."""

@@ -18,13 +18,14 @@ import torch
 import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
+import comfy.utils
 from comfy.ldm.modules.attention import BasicTransformerBlock
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
 
 from .frame_attention import MODES, frame_attention
 from .frame_norm import clip_group_norm
 from .layout import clip_layout
-from .temporal_attention import TemporalAttention, TemporalAttentionSet
+from .temporal_attention import TEMPORAL_INITS, TemporalAttention, TemporalAttentionSet
 
 PATCH_KEY = "tune_a_video"
 SUPPORTED = "SD1.x, SD2.x and SDXL (UNets with ComfyUI's standard transformer blocks)"
@@ -36,6 +37,7 @@ class TAVConfig:
     window_radius: int = 1
     temporal_attention: bool = True
     frame_shared_norm: bool = True
+    temporal_init: str = "identity"  # or "tune_a_video" (temporal_attention.TEMPORAL_INITS)
 
 
 def unet_of(model) -> UNetModel:
@@ -76,22 +78,22 @@ def frame_norm_paths(unet: UNetModel) -> list[str]:
     return [p for p in paths if isinstance(unet.get_submodule(p), torch.nn.GroupNorm)]
 
 
-def build_temporal_attention(unet: UNetModel, dtype=None, seed: int = 0) -> TemporalAttentionSet:
-    """A fresh (zero-output) TemporalAttention for every transformer block, seeded init.
+def build_temporal_attention(unet: UNetModel, dtype=None, seed: int = 0, init: str = "identity") -> TemporalAttentionSet:
+    """A fresh TemporalAttention for every transformer block, seeded `init` (TemporalAttention.reset_parameters).
 
     Built outside inference mode (ComfyUI runs nodes under it) so the weights can be trained.
     """
     with torch.inference_mode(False):
-        return _build_temporal_attention(unet, dtype, seed)
+        return _build_temporal_attention(unet, dtype, seed, init)
 
 
-def _build_temporal_attention(unet, dtype, seed):
+def _build_temporal_attention(unet, dtype, seed, init):
     temporal = TemporalAttentionSet()
     generator = torch.Generator().manual_seed(seed)
     for path, _, block in transformer_blocks(unet):
         dim = block.attn1.to_q.in_features
         module = TemporalAttention(dim, block.n_heads, block.d_head, dtype=dtype)
-        module.reset_parameters(generator)
+        module.reset_parameters(generator, init)
         temporal.add(path, module)
     return temporal
 
@@ -155,6 +157,17 @@ def _norm_hook(chunks: int, norm: torch.nn.GroupNorm, args, output):
     return clip_group_norm(x, chunks, norm.num_groups, weight, bias, norm.eps)
 
 
+def base_weight(model, key: str) -> torch.Tensor:
+    """The checkpoint's own value of a state-dict key (e.g. `diffusion_model.<block>.attn1.to_q.weight`).
+
+    ComfyUI patches weights in place for the last-loaded clone of a checkpoint (W + LoRA, W + delta) and
+    keeps the unpatched tensor in the patcher's backup, which all clones share: read it there, never the
+    live Parameter. Raises AttributeError for a key the model does not have.
+    """
+    saved = getattr(model, "backup", {}).get(key)
+    return saved.weight if saved is not None else comfy.utils.get_attr(model.model, key)
+
+
 def get_tav_patch(model) -> TAVPatch | None:
     """The Tune-A-Video patch carried by a MODEL, if any."""
     return model.get_attachment(PATCH_KEY)
@@ -169,6 +182,8 @@ def apply_tav(model, config: TAVConfig, temporal_weights: dict | None = None):
     """
     if config.attention_mode not in MODES:
         raise ValueError(f"attention_mode must be one of {', '.join(MODES)}, got {config.attention_mode!r}")
+    if config.temporal_init not in TEMPORAL_INITS:
+        raise ValueError(f"temporal_init must be one of {', '.join(TEMPORAL_INITS)}, got {config.temporal_init!r}")
     if config.window_radius < 0:
         raise ValueError(f"window_radius must be >= 0, got {config.window_radius}")
     unet = unet_of(model)
@@ -182,10 +197,12 @@ def apply_tav(model, config: TAVConfig, temporal_weights: dict | None = None):
         if previous is not None and previous.temporal is not None and temporal_weights is None:
             temporal = previous.temporal
         else:
-            temporal = build_temporal_attention(unet, dtype=model.model.get_dtype())
+            temporal = build_temporal_attention(unet, dtype=model.model.get_dtype(), init=config.temporal_init)
             if temporal_weights is not None:
                 with torch.inference_mode(False), torch.no_grad():
                     missing, unexpected = temporal.load_state_dict(temporal_weights, strict=False)
+                for path, _, _ in blocks:
+                    temporal.block(path).refresh_identity()
                 if missing or unexpected:
                     raise ValueError(
                         "Tune-A-Video temporal attention weights do not fit this UNet "

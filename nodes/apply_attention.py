@@ -1,5 +1,6 @@
 """TuneAVideoApplyAttention: turn a loaded SD UNet into Tune-A-Video's inflated video UNet."""
 from ..attention_patches.frame_attention import MODES
+from ..attention_patches.temporal_attention import TEMPORAL_INITS
 from ..attention_patches.unet_patch import TAVConfig, apply_tav
 
 
@@ -23,13 +24,20 @@ class TuneAVideoApplyAttention:
             "window_radius": ("INT", {"default": 2, "min": 0, "max": 64, "tooltip":
                 "Only for attention_mode=window: how many neighbouring frames on each side are seen."}),
             "temporal_attention": ("BOOLEAN", {"default": True, "tooltip":
-                "Add Tune-A-Video's temporal attention after each feed-forward. Untuned it changes nothing "
-                "(zero-initialised output); tuning or a loaded adapter gives it weights."}),
+                "Add Tune-A-Video's temporal attention after each feed-forward. Tuning or a loaded adapter "
+                "gives it weights (see temporal_init for the untuned layer)."}),
             "frame_shared_norm": ("BOOLEAN", {"default": True, "tooltip":
                 "Normalise res-block and output GroupNorms over all frames of a clip together, as "
                 "Tune-A-Video's inflated UNet does. Off: per-frame statistics (image model behaviour)."}),
+        }, "optional": {
+            "temporal_init": (list(TEMPORAL_INITS), {"default": "identity", "tooltip":
+                "Initial temporal attention (replaced by tuning or an adapter). identity: zero output projection, "
+                "so the untuned model is exactly cross-frame attention alone (best for untuned text-to-video). "
+                "tune_a_video: the official init (zero output weight, default random output bias), for "
+                "reproducing the official code exactly."}),
         }}
 
-    def apply(self, model, attention_mode, window_radius, temporal_attention, frame_shared_norm):
-        config = TAVConfig(attention_mode, window_radius, temporal_attention, frame_shared_norm)
+    def apply(self, model, attention_mode, window_radius, temporal_attention, frame_shared_norm,
+              temporal_init="identity"):
+        config = TAVConfig(attention_mode, window_radius, temporal_attention, frame_shared_norm, temporal_init)
         return (apply_tav(model, config),)

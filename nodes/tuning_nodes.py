@@ -3,7 +3,7 @@ import os
 
 import folder_paths
 
-from ..attention_patches.adapter import apply_adapter, load_adapter_file, save_adapter
+from ..attention_patches.adapter import STORAGE_DTYPES, adapter_of, apply_adapter, load_adapter_file, save_adapter
 from ..sampling.one_shot_tuning import DEFAULT_TRAINABLE, MAX_STEPS, PRECISIONS, TRAINABLE, tune_clip
 
 ADAPTER_FOLDER = "tune_a_video"
@@ -47,9 +47,10 @@ class TuneAVideoTune:
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
                              "tooltip": "Seed of the timesteps and noise drawn per step: same seed, same tuning."}),
             "trainable": (list(TRAINABLE), {"default": DEFAULT_TRAINABLE, "tooltip":
-                "queries+temporal: Tune-A-Video (self- and cross-attention queries + temporal attention). temporal: "
-                "motion only. queries: no temporal attention. attention+temporal: all attention projections "
-                "(closest fit, bigger adapter, overfits sooner)."}),
+                "tune_a_video: the official trainables (self- and cross-attention queries + temporal attention, "
+                "its LayerNorm frozen). queries+temporal: the same plus the temporal LayerNorm. temporal: motion "
+                "only. queries: no temporal attention. attention+temporal: all attention projections (closest "
+                "fit, bigger adapter, overfits sooner). Tuning a tuned model continues from it."}),
             "precision": (list(PRECISIONS), {"default": "bf16", "tooltip":
                 "bf16/fp16: autocast compute with fp32 master weights (fp16 adds loss scaling; use it on GPUs "
                 "without bf16). fp32: slowest, most memory, for CPU or debugging."}),
@@ -70,8 +71,8 @@ class TuneAVideoTune:
 
 
 class TuneAVideoSaveAdapter:
-    DESCRIPTION = ("Saves the tuned weights (query deltas + temporal attention, fp16, a few MB to a few hundred "
-                   "MB) with their settings as a .safetensors file in models/tune_a_video.")
+    DESCRIPTION = ("Saves the tuned weights (query deltas + temporal attention, a few MB to a few hundred MB) "
+                   "with their settings as a .safetensors file in models/tune_a_video.")
     CATEGORY = "Tune-A-Video"
     RETURN_TYPES = ()
     OUTPUT_NODE = True
@@ -83,14 +84,17 @@ class TuneAVideoSaveAdapter:
             "adapter": ("TAV_ADAPTER", {"tooltip": "From Tune-A-Video One-Shot Tune (or Load Adapter)."}),
             "filename_prefix": ("STRING", {"default": "tav_adapter", "tooltip":
                 "File name prefix inside models/tune_a_video (subfolders allowed); a counter is appended."}),
+        }, "optional": {
+            "storage": (list(STORAGE_DTYPES), {"default": "fp32", "tooltip":
+                "fp32: exactly the tuned weights. fp16/bf16: half the file size, rounded (recorded in the file)."}),
         }}
 
-    def save(self, adapter, filename_prefix):
+    def save(self, adapter, filename_prefix, storage="fp32"):
         folder = folder_paths.get_folder_paths(ADAPTER_FOLDER)[0]
         full_folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder)
         os.makedirs(full_folder, exist_ok=True)
         file = f"{name}_{counter:05}_.safetensors"
-        save_adapter(adapter, os.path.join(full_folder, file))
+        save_adapter(adapter, os.path.join(full_folder, file), storage)
         relative = "/".join(p for p in (subfolder.replace(os.sep, "/"), file) if p)
         return {"ui": {"adapters": [{"filename": relative, "subfolder": subfolder, "type": ADAPTER_FOLDER}],
                        "text": [relative]}}
@@ -104,7 +108,8 @@ class TuneAVideoLoadAdapter:
     RETURN_TYPES = ("MODEL", "TAV_ADAPTER")
     RETURN_NAMES = ("model", "adapter")
     OUTPUT_TOOLTIPS = ("A patched clone carrying the tuned weights (unpatched inputs get the adapter's attention "
-                       "settings).", "The adapter (save an imported official UNet as a small adapter).")
+                       "settings).", "The adapter the model now carries (stacked onto any adapter the input model "
+                       "had); save an imported official UNet as a small adapter.")
     FUNCTION = "load"
 
     @classmethod
@@ -118,4 +123,5 @@ class TuneAVideoLoadAdapter:
     def load(self, model, adapter_name):
         path = folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, adapter_name)
         adapter = load_adapter_file(path, model)
-        return (apply_adapter(model, adapter, adapter_name), adapter)
+        tuned = apply_adapter(model, adapter, adapter_name)
+        return (tuned, adapter_of(tuned))

@@ -84,18 +84,20 @@ def test_save_then_load_on_a_fresh_base_gives_the_tuned_output(tuned, adapter_di
     assert not torch.equal(out(loaded), out(up.apply_tav(base, up.TAVConfig())))
     out(base)  # loads the base again: the loaded adapter's patches are unpatched
     assert all(torch.equal(v, snap[k]) for k, v in base.model.state_dict().items())
-    assert loaded_adapter.metadata == adapter.metadata
+    assert loaded_adapter.metadata == {**adapter.metadata, "storage_dtype": "fp32"}
 
 
-def test_file_holds_only_trained_tensors_in_fp16_with_metadata(tuned, tmp_path):
+def test_file_holds_trained_deltas_and_temporal_attention_in_fp32_with_metadata(tuned, tmp_path):
     model, adapter = tuned
     path = ad.save_adapter(adapter, tmp_path / "a.safetensors")
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()  # readable like any other model file
     tensors = safetensors.torch.load_file(str(path))
     blocks = [p for p, _, _ in up.transformer_blocks(model.model.diffusion_model)]
     queries = {f"diffusion_model.{b}.{a}.to_q.diff" for b in blocks for a in ("attn1", "attn2")}
     temporal = {"diffusion_model." + k for k in up.get_tav_patch(model).temporal_state_dict()}
     assert set(tensors) == queries | temporal
-    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert all(torch.equal(tensors[k], v) for k, v in adapter.tensors().items())
     with open(path, "rb") as f:
         meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
     assert meta["format"] == "tune_a_video_adapter" and meta["model_family"] == "SD15"
@@ -104,10 +106,26 @@ def test_file_holds_only_trained_tensors_in_fp16_with_metadata(tuned, tmp_path):
                        "learning_rate": "0.01", "attention_mode": "sparse_causal", "trainable": "queries+temporal",
                        "pack_version": ad.PACK_VERSION}.items():
         assert meta[key] == value, key
-    assert float(meta["final_loss"]) > 0
+    assert float(meta["final_loss"]) > 0 and meta["storage_dtype"] == "fp32"
+    assert meta["temporal_init"] == "identity"
+
+    half = ad.save_adapter(adapter, tmp_path / "half.safetensors", storage="fp16")
+    assert {t.dtype for t in safetensors.torch.load_file(str(half)).values()} == {torch.float16}
+    reloaded = ad.load_adapter_file(half, fresh_base())
+    assert reloaded.metadata["storage_dtype"] == "fp16"
+    assert {t.dtype for t in reloaded.tensors().values()} == {torch.float32}  # fp32 in memory
+    assert all(torch.equal(reloaded.tensors()[k], v.half().float()) for k, v in adapter.tensors().items())
+    with pytest.raises(ValueError, match="storage must be one of fp32, fp16, bf16"):
+        ad.save_adapter(adapter, tmp_path / "b.safetensors", storage="int8")
 
     _, temporal_only = tune(fresh_base(), trainable="temporal", steps=2)
     assert not any(k.endswith(".diff") for k in temporal_only.tensors())
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_comfy_lora_loader_reads_the_query_deltas(tuned, tmp_path):
