@@ -1,7 +1,7 @@
 """TuneAVideoInvert and TuneAVideoSampler: DDIM inversion of a clip and sampling from it."""
 import comfy.samplers
 
-from ..sampling.video_sampler import (MAX_FIXED_POINT_ITERATIONS, MAX_STEPS, SCHEDULE, invert_clip,
+from ..sampling.video_sampler import (MAX_FIXED_POINT_ITERATIONS, MAX_STEPS, SCHEDULE, SCHEDULES, invert_clip,
                                       sample_clip)
 
 
@@ -25,14 +25,19 @@ class TuneAVideoInvert:
             "conditioning": ("CONDITIONING", {"tooltip": "Tune-A-Video inverts with the empty prompt: connect "
                                                          "CLIP Text Encode with an empty text. Used unguided (cfg 1)."}),
             "steps": ("INT", {"default": 50, "min": 1, "max": MAX_STEPS, "tooltip":
-                "DDIM steps (ComfyUI's ddim_uniform schedule). Tune-A-Video Sampler must use the same number."}),
+                "DDIM steps. Tune-A-Video Sampler must use the same number."}),
             "fixed_point_iterations": ("INT", {"default": 0, "min": 0, "max": MAX_FIXED_POINT_ITERATIONS, "tooltip":
                 "0: plain DDIM inversion (Tune-A-Video). k > 0: each step is refined k times so the sampler's "
                 "DDIM step maps it back exactly (near-exact reconstruction, (k+1)x the cost; 2-3 is plenty)."}),
+        }, "optional": {
+            "schedule": (list(SCHEDULES), {"default": "tune_a_video", "tooltip":
+                "tune_a_video: the official DDIM schedule (timesteps 1, 21, ..., 981 for 50 steps; the clean clip "
+                "sits at the first training noise level, where inversion starts and sampling ends). comfyui: "
+                "ComfyUI's ddim_uniform from and to zero noise. The Sampler follows the inversion's schedule."}),
         }}
 
-    def invert(self, model, latent, conditioning, steps, fixed_point_iterations):
-        return (invert_clip(model, latent, conditioning, steps, fixed_point_iterations),)
+    def invert(self, model, latent, conditioning, steps, fixed_point_iterations, schedule="tune_a_video"):
+        return (invert_clip(model, latent, conditioning, steps, fixed_point_iterations, schedule),)
 
 
 class TuneAVideoSampler:

@@ -21,6 +21,10 @@ from .ddim_inversion import inversion_sigmas, sample_ddim_inversion, vp_input_ra
 
 INVERSION_KEY = "tav_inversion"
 SCHEDULE = "ddim_uniform"  # ComfyUI's DDIM timesteps (1, 21, ..., 981 for 50 steps on SD1.x)
+# Inversion schedules. tune_a_video: the official DDIMScheduler (leading timesteps + steps_offset 1, and
+# set_alpha_to_one False: the clean latent sits at alphas_cumprod[0], sigma_0 ~ 0.029 on SD1.x, where
+# inversion starts and sampling ends). comfyui: ComfyUI's ddim_uniform from and to sigma = 0.
+SCHEDULES = ("tune_a_video", "comfyui")
 MAX_STEPS = 10000
 MAX_FIXED_POINT_ITERATIONS = 20
 
@@ -52,9 +56,24 @@ def _eps_like(model, node_name):
     return model_sampling
 
 
-def inversion_schedule(model, steps: int) -> torch.Tensor:
-    """The sampler's descending sigmas for `steps` DDIM steps (ending at 0), on CPU in fp32."""
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), SCHEDULE, steps).float().cpu()
+def inversion_schedule(model, steps: int, schedule: str = "tune_a_video") -> torch.Tensor:
+    """The sampler's descending sigmas for `steps` DDIM steps, on CPU in fp32.
+
+    tune_a_video: sigmas at timesteps (T // steps) * i + 1 for i = steps-1 .. 0, then sigma at timestep 0;
+    comfyui: ComfyUI's ddim_uniform, ending at 0.
+    """
+    model_sampling = model.get_model_object("model_sampling")
+    if schedule == "comfyui":
+        return comfy.samplers.calculate_sigmas(model_sampling, SCHEDULE, steps).float().cpu()
+    table = model_sampling.sigmas.float().cpu()
+    timesteps = (torch.arange(steps) * (len(table) // steps) + 1).clamp(max=len(table) - 1)
+    return torch.cat([table[timesteps.flip(0)], table[:1]])
+
+
+def vp_scale(sigma, sigma_data=1.0) -> float:
+    """sqrt(1 + (sigma / sigma_data)^2): a latent treated as the VP sample at `sigma` is this many times
+    smaller than ComfyUI's model-space sample x0 + sigma * eps (1 at sigma = 0)."""
+    return float((1 + (sigma / sigma_data) ** 2) ** 0.5)
 
 
 class DDIMInversionSampler(comfy.samplers.Sampler):
@@ -75,19 +94,23 @@ class DDIMInversionSampler(comfy.samplers.Sampler):
             total = len(sigmas) - 1
             k_callback = lambda d: callback(d["i"], d["denoised"], d["x"], total)
         ratio = lambda s, s_next: vp_input_ratio(s, s_next, self.sigma_data)
+        # a schedule starting above 0 (tune_a_video) takes the clean latent as the VP sample at sigmas[0]
+        latent_image = latent_image * vp_scale(sigmas[0], self.sigma_data)
         return sample_ddim_inversion(model, latent_image, sigmas, extra_args=extra_args, callback=k_callback,
                                      disable=disable_pbar, fixed_point_iterations=self.fixed_point_iterations,
                                      input_ratio=ratio)
 
 
-def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0):
+def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0, schedule="tune_a_video"):
     """DDIM-invert a clip: LATENT in ordinary latent units -> LATENT of the noise at the schedule's top.
 
     All frames go through the model together, unguided (cfg 1) with `conditioning`. The result
     carries INVERSION_KEY: {"steps", "sigmas" (descending, the sampler's), "frames",
-    "fixed_point_iterations"}.
+    "fixed_point_iterations", "schedule"}.
     """
     check_steps(steps)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}.")
     if not isinstance(fixed_point_iterations, int) or not 0 <= fixed_point_iterations <= MAX_FIXED_POINT_ITERATIONS:
         raise ValueError(f"fixed_point_iterations must be an integer from 0 to {MAX_FIXED_POINT_ITERATIONS}, "
                          f"got {fixed_point_iterations!r}. 0 is plain DDIM inversion; 2-3 reconstruct near-exactly.")
@@ -96,7 +119,7 @@ def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0)
                          "(Tune-A-Video inverts with \"\") or the clip's prompt.")
     samples = check_latent(latent)
     model_sampling = _eps_like(model, "Tune-A-Video Invert")
-    sigmas = inversion_schedule(model, steps)
+    sigmas = inversion_schedule(model, steps, schedule)
 
     guider = comfy.samplers.CFGGuider(model)
     guider.inner_set_conds({"positive": conditioning})
@@ -108,7 +131,7 @@ def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0)
                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
     out = out.to(comfy.model_management.intermediate_device())
     info = {"steps": steps, "sigmas": sigmas, "frames": samples.shape[0],
-            "fixed_point_iterations": fixed_point_iterations}
+            "fixed_point_iterations": fixed_point_iterations, "schedule": schedule}
     return {"samples": out, INVERSION_KEY: info}
 
 
@@ -147,6 +170,10 @@ def sample_clip(model, positive, negative, latent, seed=0, steps=50, cfg=12.5, s
     out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
                               denoise=denoise, noise_mask=noise_mask, sigmas=sigmas, callback=callback,
                               disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    if sigmas is not None and float(sigmas[-1]) > 0:  # tune_a_video: decode the VP sample at sigma_0
+        latent_format = model.get_model_object("latent_format")
+        scale = vp_scale(sigmas[-1], float(model.get_model_object("model_sampling").sigma_data))
+        out = latent_format.process_out(latent_format.process_in(out) / scale)
     result = {k: v for k, v in latent.items() if k != INVERSION_KEY}
     result["samples"] = out
     return result

@@ -127,9 +127,9 @@ def clip_latent(frames=4, size=8):
     return {"samples": 5.0 * tavlib.latents(frames, seed=7, size=size)}
 
 
-def round_trip(model, cond, latent, steps, k):
+def round_trip(model, cond, latent, steps, k, schedule="tune_a_video"):
     with torch.inference_mode():  # how ComfyUI's executor runs nodes
-        (noise,) = nodes.TuneAVideoInvert().invert(model, latent, cond, steps, k)
+        (noise,) = nodes.TuneAVideoInvert().invert(model, latent, cond, steps, k, schedule)
         (out,) = nodes.TuneAVideoSampler().sample(model, cond, cond, noise, 0, steps, 1.0, "ddim",
                                                   "ddim_uniform", 1.0)
     return noise, out
@@ -137,17 +137,20 @@ def round_trip(model, cond, latent, steps, k):
 
 
 
-def test_inversion_round_trip_through_the_nodes(smooth_sd15, one_thread):
+@pytest.mark.parametrize("schedule", ["tune_a_video", "comfyui"])
+def test_inversion_round_trip_through_the_nodes(smooth_sd15, one_thread, schedule):
     model, empty = smooth_sd15
     latent = clip_latent()
     x = latent["samples"]
     errors = {}
+    sigma_0 = float(model.get_model_object("model_sampling").sigmas[0])  # alphas_cumprod[0]: ~0.0292 on SD1.x
     for steps, k in ((10, 0), (50, 0), (50, 3)):
-        noise, out = round_trip(model, empty, latent, steps, k)
+        noise, out = round_trip(model, empty, latent, steps, k, schedule)
         errors[steps, k] = rel(out["samples"], x)
         info = noise[vs.INVERSION_KEY]
         assert info["steps"] == steps and info["frames"] == 4 and info["fixed_point_iterations"] == k
-        assert info["sigmas"].shape == (steps + 1,) and info["sigmas"][-1] == 0
+        assert info["sigmas"].shape == (steps + 1,) and info["schedule"] == schedule
+        assert float(info["sigmas"][-1]) == (sigma_0 if schedule == "tune_a_video" else 0.0)
         assert vs.INVERSION_KEY not in out and out["samples"].shape == x.shape
         assert rel(noise["samples"], x) > 0.05  # the inversion did move the clip towards noise
     print("round-trip relative L2:", {key: f"{100 * e:.4f}%" for key, e in errors.items()})
