@@ -124,6 +124,25 @@ def test_zero_initialised_temporal_attention_is_the_sc_only_patch(base):
     assert max_diff(sc_only, with_temporal) == 0.0
 
 
+def test_official_temporal_init_differs_from_identity_only_by_the_output_bias(base):
+    """temporal_init="tune_a_video": the official init (zero to_out weight, default-init bias), so the untuned
+    model is not SC-Attn alone; "identity" (the default) is. Same seeded q/k/v either way."""
+    x = tavlib.latents(5)
+    sc_only = tavlib.predict(patched(base, temporal=False, norm=True), x, contexts=CONDS)
+    official = up.apply_tav(base, up.TAVConfig("sparse_causal", 1, True, True, "tune_a_video"))
+    identity = up.apply_tav(base, up.TAVConfig("sparse_causal", 1, True, True, "identity"))
+    assert max_diff(sc_only, tavlib.predict(official, x, contexts=CONDS)) > 1e-3
+    a, b = (up.get_tav_patch(m).temporal_state_dict() for m in (official, identity))
+    differ = {k for k in a if not torch.equal(a[k], b[k])}
+    assert differ == {k for k in a if k.endswith("attn_temp.to_out.0.bias")}
+    bias = next(v for k, v in a.items() if k.endswith("to_out.0.bias"))
+    bound = next(v for k, v in a.items() if k.endswith("to_out.0.weight")).shape[1] ** -0.5
+    assert bias.abs().max() <= bound and bias.abs().max() > bound / 2 and bias.std() > 0  # U(-1/sqrt(fan_in), ..)
+    assert all(not v.any() for k, v in a.items() if k.endswith("to_out.0.weight"))
+    with pytest.raises(ValueError, match="temporal_init must be one of identity, tune_a_video"):
+        up.apply_tav(base, up.TAVConfig(temporal_init="random"))
+
+
 def test_trained_temporal_attention_connects_every_frame(base):
     frames = 5
     x = tavlib.latents(frames)
