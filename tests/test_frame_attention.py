@@ -167,3 +167,20 @@ def test_cached_frame_indices_serve_training_after_inference():
     qg = q.clone().requires_grad_()
     fa.frame_attention(qg, k, v, 2, 1, (0, 1, 2), "sparse_causal").sum().backward()
     assert qg.grad is not None and qg.grad.abs().sum() > 0
+
+
+def test_transformer_options_reach_attention_functions_that_take_them():
+    q, k, v = (torch.randn(3, 4, 8) for _ in range(3))
+    got = []
+
+    def takes_them(q, k, v, heads, transformer_options=None):
+        got.append(transformer_options)
+        return q
+
+    def does_not(q, k, v, heads):
+        return q
+
+    options = {"cond_or_uncond": [0]}
+    fa.frame_attention(q, k, v, 2, 1, (0, 1, 2), "sparse_causal", attention=takes_them, transformer_options=options)
+    fa.frame_attention(q, k, v, 2, 1, (0, 1, 2), "sparse_causal", attention=does_not, transformer_options=options)
+    assert got and all(o is options for o in got)
