@@ -61,7 +61,7 @@ else
 fi
 
 OUT=$("$PY" scripts/run_workflow.py "$WORKFLOW" --video "$CLIP" \
-      --checkpoint "$CKPT" --prompt "$PROMPT" "${SETTINGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"})
+      --checkpoint "$CKPT" --prompt "$PROMPT" --deterministic "${SETTINGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"})
 echo "Adapter written to:"
 grep '\.safetensors$' <<<"$OUT" || true
 echo "Video written to:"

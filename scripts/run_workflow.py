@@ -353,6 +353,10 @@ def parse_args(argv):
     p.add_argument("--fps", type=float, help="frame rate of the saved video")
     p.add_argument("--filename-prefix")
     p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the result")
+    p.add_argument("--deterministic", action="store_true",
+                   help="start the server with ComfyUI's --deterministic: bit-identical results run to run "
+                        "(multithreaded CPU kernels otherwise differ in the last bits; tuning amplifies that). "
+                        "Not for --server: start that ComfyUI with --deterministic yourself")
     p.add_argument("--check-args", action="store_true",
                    help="only check the arguments (files exist, sizes are valid) and exit")
     return p.parse_args(argv)
@@ -414,7 +418,8 @@ def run(args) -> list[str]:
     if args.server:
         client = Client(args.server)
     else:
-        server = comfy_runtime.ComfyServer(args.base_dir, checkpoints=[ckpt_path] if ckpt_path else [])
+        server = comfy_runtime.ComfyServer(args.base_dir, checkpoints=[ckpt_path] if ckpt_path else [],
+                                           extra_args=["--deterministic"] if args.deterministic else [])
         print(f"Starting ComfyUI in {args.base_dir} (log: {server.log_path}) ...", file=sys.stderr, flush=True)
         try:
             server.start()
