@@ -144,6 +144,12 @@ def import_comfy(comfy_dir: Path | None = None) -> Path:
     stub = torchaudio_stub()
     if stub is not None and str(stub) not in sys.path:
         sys.path.insert(0, str(stub))
+        import torchaudio  # noqa: F401  the stand-in
+        # inspect.getmodule() (torch.library, diffusers) reads every loaded module's __file__; the
+        # stand-in's submodules answer any attribute with a placeholder, so give them a real one.
+        for name, module in list(sys.modules.items()):
+            if name.split(".")[0] == "torchaudio" and "__file__" not in vars(module):
+                module.__file__ = str(stub / "torchaudio" / "__init__.py")
     import comfy.options
 
     comfy.options.enable_args_parsing(False)
