@@ -10,6 +10,7 @@ Frame i's queries attend to the keys/values of a set of frames chosen by the mod
 """
 from __future__ import annotations
 
+import inspect
 from functools import lru_cache
 
 import torch
@@ -58,16 +59,30 @@ def _groups(positions: tuple[int, ...], mode: str, radius: int):
     return tuple(out)
 
 
+@lru_cache(maxsize=16)
+def takes_transformer_options(attention) -> bool:
+    """Whether an attention function accepts transformer_options (newer ComfyUI reads attention
+    overrides from them, e.g. attention-override nodes)."""
+    try:
+        params = inspect.signature(attention).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "transformer_options" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def frame_attention(q, k, v, heads: int, chunks: int, positions: tuple[int, ...], mode: str,
-                    radius: int = 1, attention=None, **attention_kwargs):
+                    radius: int = 1, attention=None, transformer_options=None, **attention_kwargs):
     """Self-attention across frames.
 
     q, k, v: (chunks * frames, tokens, channels), already projected. `attention(q, k, v, heads)` is
-    ComfyUI's optimized_attention (default). Returns (chunks * frames, tokens, channels of v).
+    ComfyUI's optimized_attention (default); it also gets `transformer_options` where it takes them.
+    Returns (chunks * frames, tokens, channels of v).
     """
     if attention is None:
         import comfy.ldm.modules.attention as comfy_attention
         attention = comfy_attention.optimized_attention
+    if transformer_options is not None and takes_transformer_options(attention):
+        attention_kwargs["transformer_options"] = transformer_options
     frames = len(positions)
     if frames == 1:
         return attention(q, k, v, heads, **attention_kwargs)

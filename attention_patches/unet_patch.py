@@ -116,7 +116,8 @@ class TAVPatch:
         layout = clip_layout(q.shape[0], extra_options)
         return frame_attention(q, k, v, extra_options["n_heads"], layout.chunks, layout.positions,
                                self.config.attention_mode, self.config.window_radius,
-                               attn_precision=extra_options.get("attn_precision"))
+                               attn_precision=extra_options.get("attn_precision"),
+                               transformer_options=extra_options)
 
     def diffusion_model_wrapper(self, executor, x, timesteps, context, y, control,
                                 transformer_options, **kwargs):

@@ -335,6 +335,24 @@ def input_signature(name) -> str:
     return ";".join(f"{os.path.basename(p)}:{os.stat(p).st_mtime_ns}:{os.stat(p).st_size}" for p in paths)
 
 
+def core_video_type() -> bool:
+    """Whether this ComfyUI has the core VIDEO type (comfy_api VideoFromComponents)."""
+    try:
+        from comfy_api.input_impl import VideoFromComponents  # noqa: F401
+        from comfy_api.util import VideoComponents  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def as_video(images: torch.Tensor, fps: float):
+    """IMAGE frames as a core VIDEO (in memory: the frames themselves, not a re-decoded file)."""
+    from comfy_api.input_impl import VideoFromComponents
+    from comfy_api.util import VideoComponents
+
+    return VideoFromComponents(VideoComponents(images=images, frame_rate=Fraction(round(fps * 1000), 1000)))
+
+
 def save_clip(images, fps, fmt, filename_prefix, metadata=None) -> dict:
     """Encode into ComfyUI's output folder with the usual prefix/counter; return the UI result.
 

@@ -67,12 +67,17 @@ class TuneAVideoLoadFrames:
         return True
 
 
+VIDEO_OUTPUT = video_io.core_video_type()  # ComfyUI before the core VIDEO type: no output socket
+
+
 class TuneAVideoSaveVideo:
     DESCRIPTION = ("Saves frames as an mp4 (h264), gif or animated webp in ComfyUI's output folder, "
                    "shows it on the node and lists the file under this node's outputs in /history "
-                   "(filename, subfolder, type, format, frame_rate, frame_count).")
+                   "(filename, subfolder, type, format, frame_rate, frame_count). Also outputs the clip as "
+                   "a core VIDEO for Save Video, Get Video Components and other VIDEO nodes.")
     CATEGORY = "Tune-A-Video"
-    RETURN_TYPES = ()
+    RETURN_TYPES = ("VIDEO",) if VIDEO_OUTPUT else ()
+    OUTPUT_TOOLTIPS = ("The frames at fps as a core VIDEO (lossless, not re-read from the file).",) if VIDEO_OUTPUT else ()
     OUTPUT_NODE = True
     FUNCTION = "save"
 
@@ -96,4 +101,5 @@ class TuneAVideoSaveVideo:
         metadata = None
         if not args.disable_metadata:
             metadata = {**(extra_pnginfo or {}), **({"prompt": prompt} if prompt is not None else {})}
-        return {"ui": video_io.save_clip(images, fps, format, filename_prefix, metadata or None)}
+        ui = video_io.save_clip(images, fps, format, filename_prefix, metadata or None)
+        return {"ui": ui, "result": (video_io.as_video(images, fps),) if VIDEO_OUTPUT else ()}

@@ -14,8 +14,9 @@ from chunk k-1's result but the outputs it cross-fades with; chunks run one afte
 
 Each chunk call publishes its frames' real indices as transformer_options["context_window"] (core's
 IndexListContextWindow), so key_frames picks frame 0 and the true previous frame by position. Inside a
-core context window (Context Windows node) the chunks split that window and use its indices, so the
-two compose.
+context window (core Context Windows, AnimateDiff-Evolved's context options) the chunks split that
+window and use its indices, so they compose; the split runs innermost among calc_cond_batch wrappers,
+whatever the node order.
 
 Against one pass over the whole clip:
   - temporal attention and the frame-shared GroupNorm act within [anchors + chunk];
@@ -36,10 +37,10 @@ from typing import NamedTuple
 
 import torch
 
-import comfy.context_windows
 import comfy.model_management
 import comfy.patcher_extension
 
+from ..attention_patches.layout import clip_total_frames, context_window, window_positions
 from ..attention_patches.unet_patch import get_tav_patch
 
 WRAPPER_KEY = "tune_a_video_long_clip"
@@ -131,15 +132,23 @@ class LongClip:
         return self  # immutable; model_options clones keep one instance
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        # Split last: other calc_cond_batch wrappers inside this one (e.g. AnimateDiff-Evolved's
+        # context options, which index the whole clip) still see the whole clip, in either node order.
+        inner = executor.wrappers[executor.idx + 1:]
+        if inner:
+            return comfy.patcher_extension.WrapperExecutor.new_executor(
+                executor.original, inner + [self._chunked]).execute(model, conds, x_in, timestep, model_options)
+        return self._chunked(executor, model, conds, x_in, timestep, model_options)
+
+    def _chunked(self, executor, model, conds, x_in, timestep, model_options):
         frames = x_in.shape[0]
         if frames <= self.chunk_frames:
             return executor(model, conds, x_in, timestep, model_options)
         options = model_options.setdefault("transformer_options", {})
         had_window, outer = "context_window" in options, options.get("context_window")
-        positions = list(range(frames))
-        index_list = getattr(outer, "index_list", None)
-        if index_list is not None and len(index_list) == frames:
-            positions = [int(i) for i in index_list]  # inside a core context window: its real indices
+        # Inside a context window (core or AnimateDiff-Evolved): its real frame indices.
+        positions = list(window_positions(options, frames) or range(frames))
+        total = clip_total_frames(options, positions)
         overlap = overlap_frames(getattr(model, "current_patcher", None), self.overlap)
 
         out = None
@@ -148,8 +157,7 @@ class LongClip:
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 rows = chunk.first + chunk.overlap + chunk.frames
                 idx = torch.tensor(rows)
-                options["context_window"] = comfy.context_windows.IndexListContextWindow(
-                    [positions[j] for j in rows])
+                options["context_window"] = context_window([positions[j] for j in rows], total)
                 sub = executor(model, resize_conds(conds, idx, frames), _take(x_in, idx, frames),
                                _take(timestep, idx, frames), model_options)
                 if out is None:

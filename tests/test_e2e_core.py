@@ -1,6 +1,8 @@
 """End to end on the real ComfyUI server: the node is registered and a patched model samples 8 frames."""
 from pathlib import Path
 
+import pytest
+
 import comfy_runtime
 
 FRAMES = 8
@@ -52,3 +54,29 @@ def test_bad_input_is_a_node_error_and_the_server_keeps_serving(server, random_c
     status, body = server.post("/prompt", {"prompt": wf})
     assert status == 400 and "attention_mode" in str(body)
     assert server.get("/system_stats")["system"]
+
+
+def test_save_video_feeds_core_video_nodes(server):
+    """Tune-A-Video Save Video's VIDEO output into core Save Video and Get Video Components."""
+    info = server.get("/object_info")
+    core = {"SaveVideo", "GetVideoComponents"}
+    if not core <= set(info):
+        pytest.skip("this ComfyUI has no core VIDEO nodes")
+    assert info["TuneAVideoSaveVideo"]["output"] == ["VIDEO"]
+    wf = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 5, "color": 0x3366CC}},
+        "2": {"class_type": "TuneAVideoSaveVideo", "inputs": {
+            "images": ["1", 0], "fps": 10.0, "format": "webp", "filename_prefix": "tav_video/clip"}},
+        "3": {"class_type": "SaveVideo", "inputs": {
+            "video": ["2", 0], "filename_prefix": "tav_video/core", "format": "mp4", "codec": "h264"}},
+        "4": {"class_type": "GetVideoComponents", "inputs": {"video": ["2", 0]}},
+        "5": {"class_type": "TuneAVideoSaveVideo", "inputs": {
+            "images": ["4", 0], "fps": ["4", 2], "format": "gif", "filename_prefix": "tav_video/again"}},
+    }
+    outputs = server.run_ok(wf)["outputs"]
+    saved = [img for node in ("2", "3", "5") for img in outputs[node]["images"]]
+    assert [Path(img["filename"]).suffix for img in saved] == [".webp", ".mp4", ".gif"]
+    for img in saved:
+        assert (server.base_dir / "output" / img["subfolder"] / img["filename"]).stat().st_size > 0
+    again = outputs["5"]["images"][0]
+    assert (again["frame_count"], again["frame_rate"]) == (5, 10.0)

@@ -65,14 +65,25 @@ def test_key_frames_follow_context_window_positions():
 
 
 def test_clip_layout_from_transformer_options():
-    from comfy.context_windows import IndexListContextWindow
-
     lay = layout_mod.clip_layout(10, {"cond_or_uncond": [0, 1]})
     assert (lay.chunks, lay.frames, lay.positions) == (2, 5, (0, 1, 2, 3, 4))
-    lay = layout_mod.clip_layout(4, {"cond_or_uncond": [1], "context_window": IndexListContextWindow([3, 4, 5, 6])})
+    window = layout_mod.context_window([3, 4, 5, 6], total_frames=10)  # core's, on any ComfyUI version
+    lay = layout_mod.clip_layout(4, {"cond_or_uncond": [1], "context_window": window})
     assert lay.positions == (3, 4, 5, 6)
     with pytest.raises(ValueError, match="does not split into 2 clips"):
         layout_mod.clip_layout(5, {"cond_or_uncond": [0, 1]})
+
+
+def test_window_positions_from_every_window_machinery():
+    window = layout_mod.context_window([3, 4, 5, 6], total_frames=10)
+    assert layout_mod.window_positions({"context_window": window}, 4) == (3, 4, 5, 6)
+    window.causal_anchor_index = 2  # newer core windows prepend the frame before the window
+    assert layout_mod.window_positions({"context_window": window}, 5) == (2, 3, 4, 5, 6)
+    ad = {"ad_params": {"full_length": 12, "context_length": 4, "sub_idxs": [8, 9, 10, 11]}}
+    assert layout_mod.window_positions(ad, 4) == (8, 9, 10, 11)  # AnimateDiff-Evolved's context options
+    assert layout_mod.clip_total_frames(ad, (8, 9, 10, 11)) == 12
+    assert layout_mod.window_positions(ad, 12) is None  # a call that is not that window
+    assert layout_mod.window_positions({"ad_params": {"sub_idxs": None}}, 4) is None
 
 
 def test_unknown_mode_is_a_clear_error():
@@ -156,3 +167,20 @@ def test_cached_frame_indices_serve_training_after_inference():
     qg = q.clone().requires_grad_()
     fa.frame_attention(qg, k, v, 2, 1, (0, 1, 2), "sparse_causal").sum().backward()
     assert qg.grad is not None and qg.grad.abs().sum() > 0
+
+
+def test_transformer_options_reach_attention_functions_that_take_them():
+    q, k, v = (torch.randn(3, 4, 8) for _ in range(3))
+    got = []
+
+    def takes_them(q, k, v, heads, transformer_options=None):
+        got.append(transformer_options)
+        return q
+
+    def does_not(q, k, v, heads):
+        return q
+
+    options = {"cond_or_uncond": [0]}
+    fa.frame_attention(q, k, v, 2, 1, (0, 1, 2), "sparse_causal", attention=takes_them, transformer_options=options)
+    fa.frame_attention(q, k, v, 2, 1, (0, 1, 2), "sparse_causal", attention=does_not, transformer_options=options)
+    assert got and all(o is options for o in got)

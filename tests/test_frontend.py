@@ -4,7 +4,7 @@ One browser session (tests/browser/frontend_check.mjs, playwright-core driving D
 checks: every node of the pack in the Node Library under its display name; every shipped UI workflow
 loading with all node types known, every link intact and no missing-nodes dialog; the text-to-video
 workflow, shrunk, queued with the Run button, finishing with its video preview on the page.
-Screenshots go to test-artifacts/frontend/. scripts/setup.sh installs chromium and playwright-core;
+Screenshots go to test-artifacts/frontend/. scripts/setup_browser.sh (run by scripts/test.sh) installs chromium and playwright-core;
 without them these tests fail (they never skip).
 """
 import json
@@ -28,7 +28,7 @@ CATEGORY = "Tune-A-Video"
 RUN_WORKFLOW = "tav_text_to_video.json"
 RUN_SIZE = dict(width=64, height=64, frames=4, steps=2)
 RUN_PREFIX = "TuneAVideo/frontend_test"
-SETUP_HINT = "run scripts/setup.sh (as root it installs Debian's chromium and playwright-core into .cache/node)"
+SETUP_HINT = "run scripts/setup_browser.sh (as root it installs Debian's chromium and playwright-core into .cache/node)"
 
 
 def _browser_tools():

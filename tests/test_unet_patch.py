@@ -277,3 +277,27 @@ def test_sdxl_layout_unet_matches_reference(mode):
     want = tavlib.predict(reference_model(sdxl, mode, 1, norm=False), x, contexts=CONDS)
     assert max_diff(got, want) <= 1e-5
     assert max_diff(got, tavlib.predict(sdxl, x, contexts=CONDS)) > 1e-3
+
+
+def test_frame_attention_hands_transformer_options_to_comfys_attention(base):
+    """Attention-override nodes put transformer_options["optimized_attention_override"]; newer ComfyUI's
+    optimized_attention honours it when it gets the transformer_options, so frame attention passes them."""
+    import inspect
+
+    import comfy.ldm.modules.attention as comfy_attention
+
+    if "optimized_attention_override" not in inspect.getsource(comfy_attention):
+        pytest.skip("this ComfyUI has no attention overrides")
+    seen = []
+
+    def override(func, q, k, v, *args, **kwargs):
+        seen.append((q.shape[1], k.shape[1]))
+        return func(q, k, v, *args, **kwargs)
+
+    model = patched(base, "sparse_causal")
+    model.model_options["transformer_options"]["optimized_attention_override"] = override
+    x = tavlib.latents(3)
+    out = tavlib.predict(model, x, contexts=CONDS[:1])
+    plain = tavlib.predict(patched(base, "sparse_causal"), x, contexts=CONDS[:1])
+    assert any(nk == 2 * nq for nq, nk in seen), "sparse-causal attention (keys of 2 frames) went past the override"
+    torch.testing.assert_close(out[0], plain[0], atol=1e-5, rtol=0)

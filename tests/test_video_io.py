@@ -141,6 +141,9 @@ def test_core_video_type(dirs):
     frames, count, fps = load_node("", cap=5, nth=2, width=32, height=32, video_input=video)
     assert frames.shape == (5, 32, 32, 3) and fps == pytest.approx(8)
     assert [index_of(f) for f in frames] == [0, 2, 4, 6, 8]
+    (saved,) = vnodes.TuneAVideoSaveVideo().save(images, 12.5, "gif", "tav/video")["result"]
+    components = saved.get_components()  # Save Video's VIDEO output: the frames themselves, at fps
+    assert torch.equal(components.images, images) and components.frame_rate == Fraction(25, 2)
 
 
 # --- Errors ---
@@ -246,6 +249,7 @@ def test_node_surface_and_file_list(dirs):
     save_inputs = vnodes.TuneAVideoSaveVideo.INPUT_TYPES()["required"]
     assert list(save_inputs) == ["images", "fps", "format", "filename_prefix"]
     assert vnodes.TuneAVideoSaveVideo.OUTPUT_NODE is True
+    assert vnodes.TuneAVideoSaveVideo.RETURN_TYPES == (("VIDEO",) if vio.core_video_type() else ())
     for cls in (vnodes.TuneAVideoLoadFrames, vnodes.TuneAVideoSaveVideo):
         spec = cls.INPUT_TYPES()
         assert all("tooltip" in opts for group in ("required", "optional")
