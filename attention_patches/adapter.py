@@ -30,6 +30,7 @@ import torch
 
 import comfy.utils
 
+from ..sampling.validation import check_adapter
 from .temporal_attention import TemporalAttention
 from .unet_patch import TAVConfig, apply_tav, get_tav_patch, transformer_blocks, unet_of
 
@@ -158,6 +159,7 @@ def load_adapter_file(path, model) -> TAVAdapter:
 
 
 def _parse_adapter(tensors, metadata, name) -> TAVAdapter:
+    check_adapter(tensors, metadata, name)
     deltas, temporal = {}, {}
     for key, value in tensors.items():
         if key.startswith(PREFIX) and key.endswith(DELTA_SUFFIX):
