@@ -28,9 +28,14 @@ MAX_PREFIX_CHARS = 1024
 
 # --- numbers and latents ------------------------------------------------------------------------
 
-def check_steps(steps, name="steps", maximum=MAX_STEPS, hint="Use 50 for Tune-A-Video's DDIM inversion and sampling."):
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= maximum:
-        raise ValueError(f"{name} must be an integer from 1 to {maximum}, got {steps!r}. {hint}")
+def check_count(value, name: str, maximum: int, hint: str):
+    """An integer from 1 to maximum (steps, frames), else a ValueError naming the input."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
+        raise ValueError(f"{name} must be an integer from 1 to {maximum}, got {value!r}. {hint}")
+
+
+def check_steps(steps, name="steps"):
+    check_count(steps, name, MAX_STEPS, "Use 50 for Tune-A-Video's DDIM inversion and sampling.")
 
 
 def check_latent(latent, channels: int | None = None, name="latent") -> torch.Tensor:
