@@ -187,7 +187,8 @@ def _load(open_source, label, frame_load_cap, skip_first_frames, select_every_nt
             clip, read = _sample(frames, frame_load_cap, skip_first_frames, select_every_nth,
                                  width, height, label)
     except (av.error.FFmpegError, UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{label} could not be decoded ({error}). Check that the file is a complete "
+        reason = getattr(error, "strerror", None) or type(error).__name__  # str(error) names the server path
+        raise ValueError(f"{label} could not be decoded ({reason}). Check that the file is a complete "
                          "mp4/webm/mov/gif/webp video or a folder of images; re-export it if "
                          "it is damaged.") from error
     except ValueError as error:
