@@ -255,7 +255,7 @@ def encode_clip(images: torch.Tensor, path, fmt: str, fps: float, metadata: dict
         raise ValueError(f"images must be a non-empty IMAGE batch [frames, height, width, channels], "
                          f"got shape {tuple(images.shape)}.")
     if not fps > 0:
-        raise ValueError(f"fps={fps} must be greater than 0.")
+        raise ValueError(f"fps={fps} must be greater than 0: connect Load Frames' fps or type a rate such as 8.")
     frames = (_to_uint8(frame) for frame in images)
     if fmt == "mp4":
         height, width = images.shape[1] - images.shape[1] % 2, images.shape[2] - images.shape[2] % 2

@@ -111,9 +111,9 @@ def sample_clip(model, positive, negative, latent, seed=0, steps=50, cfg=12.5, s
     if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
         raise ValueError(f"scheduler {scheduler!r} is not one of ComfyUI's schedulers.")
     if not (isinstance(denoise, (int, float)) and 0.0 <= denoise <= 1.0):
-        raise ValueError(f"denoise must be between 0.0 and 1.0, got {denoise!r}.")
+        raise ValueError(f"denoise must be between 0.0 and 1.0, got {denoise!r}. Use 1.0 to sample a whole clip.")
     if not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
-        raise ValueError(f"cfg must be a finite number, got {cfg!r}.")
+        raise ValueError(f"cfg must be a finite number, got {cfg!r}. Tune-A-Video uses 12.5.")
 
     inversion = latent.get(INVERSION_KEY)
     sigmas = None
