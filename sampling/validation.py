@@ -139,7 +139,10 @@ def check_filename_prefix(prefix, name="filename_prefix", example="TuneAVideo/cl
 def inside(root: str, path: str) -> bool:
     """Whether `path`, with every link resolved, lies in `root` (itself resolved)."""
     root, path = os.path.realpath(root), os.path.realpath(path)
-    return os.path.commonpath([root, path]) == root
+    try:
+        return os.path.commonpath([root, path]) == root
+    except ValueError:  # Windows: another drive
+        return False
 
 
 def check_save_folder(base: str, prefix: str, name="filename_prefix", folder="the output folder"):

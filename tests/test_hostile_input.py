@@ -340,7 +340,9 @@ def hostile_media(server, hostile_inputs):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "taken.txt").write_text("a file, not a folder\n")
         fresh(folder / "linkout").symlink_to(outside, target_is_directory=True)
-    return inp
+    yield inp
+    for pipe in (inp / "pipe.mp4", inp / "pipes" / "0001.png"):  # later tests need no pipes around
+        fresh(pipe)
 
 
 def valid_adapter(server, random_checkpoint) -> Path:
