@@ -1,5 +1,5 @@
-"""Hostile and mistaken input through the HTTP API: a clear error naming the input, the server keeps
-serving, and the shared checkpoint's output stays bit-identical."""
+"""Hostile and mistaken input through the HTTP API: a clear error naming the input (no server path in it),
+nothing written, the server keeps serving, and the shared checkpoint's output stays bit-identical."""
 import copy
 import io
 import json
