@@ -37,6 +37,7 @@ import torch
 
 import comfy.utils
 
+from ..sampling.validation import check_adapter
 from .temporal_attention import TemporalAttention
 from .unet_patch import TAVConfig, apply_tav, base_weight, get_tav_patch, transformer_blocks, unet_of
 
@@ -167,7 +168,6 @@ def load_adapter_file(path, model) -> TAVAdapter:
     `model` is the MODEL it will be applied to (official query weights become deltas against it).
     """
     tensors, metadata = read_safetensors(path)
-    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}  # fp32 in memory
     name = Path(path).name
     if metadata.get("format") == FORMAT or any(k.startswith(PREFIX) for k in tensors):
         return _parse_adapter(tensors, metadata, name)
@@ -180,8 +180,10 @@ def load_adapter_file(path, model) -> TAVAdapter:
 
 
 def _parse_adapter(tensors, metadata, name) -> TAVAdapter:
+    check_adapter(tensors, metadata, name)
     deltas, temporal = {}, {}
     for key, value in tensors.items():
+        value = value.float()  # fp32 in memory, whatever the file's storage
         if key.startswith(PREFIX) and key.endswith(DELTA_SUFFIX):
             deltas[key[:-len(DELTA_SUFFIX)] + ".weight"] = value
         elif key.startswith(PREFIX) and any(part in key for part in TEMPORAL_PARTS):
@@ -220,7 +222,7 @@ def official_to_adapter(model, tensors: dict, name: str = "official UNet") -> TA
             model_key = f"{PREFIX}{block}.{suffix}"
             deltas[model_key] = value.float() - _model_weight(model, model_key, name, value.shape)
         elif suffix.startswith(("attn_temp.", "norm_temp.")):
-            temporal[f"{block}.{suffix}"] = value
+            temporal[f"{block}.{suffix}"] = value.float()
         else:
             ignored += 1
             if suffix == "attn1.to_k.weight" and not base_checked:  # frozen in TAV: equal unless another base
@@ -233,6 +235,7 @@ def official_to_adapter(model, tensors: dict, name: str = "official UNet") -> TA
     if not deltas and not temporal:
         raise ValueError(f"{name}: no Tune-A-Video keys (transformer_blocks.*.attn1.to_q / attn_temp) match this "
                          f"model's UNet layout ({model_family(model)}); it was made for another model family.")
+    check_adapter({**deltas, **{PREFIX + k: v for k, v in temporal.items()}}, {}, name)
     logging.info("Tune-A-Video: imported %d query weights and %d temporal tensors from %s (%d other keys ignored).",
                  len(deltas), len(temporal), name, ignored)
     return make_adapter(model, deltas, temporal, source="official_tune_a_video")

@@ -2,6 +2,7 @@
 from ..attention_patches.frame_attention import MODES
 from ..attention_patches.temporal_attention import TEMPORAL_INITS
 from ..attention_patches.unet_patch import TAVConfig, apply_tav
+from ..sampling.validation import MAX_WINDOW_RADIUS
 
 
 class TuneAVideoApplyAttention:
@@ -21,7 +22,7 @@ class TuneAVideoApplyAttention:
                 "Which frames each frame's self-attention sees. sparse_causal: first + previous frame "
                 "(Tune-A-Video). first_frame: frame 0 only. causal: all earlier frames. full: every "
                 "frame (memory grows with frames squared). window: frames within ±window_radius plus frame 0."}),
-            "window_radius": ("INT", {"default": 2, "min": 0, "max": 64, "tooltip":
+            "window_radius": ("INT", {"default": 2, "min": 0, "max": MAX_WINDOW_RADIUS, "tooltip":
                 "Only for attention_mode=window: how many neighbouring frames on each side are seen."}),
             "temporal_attention": ("BOOLEAN", {"default": True, "tooltip":
                 "Add Tune-A-Video's temporal attention after each feed-forward. Tuning or a loaded adapter "

@@ -1,8 +1,8 @@
 """TuneAVideoInvert and TuneAVideoSampler: DDIM inversion of a clip and sampling from it."""
 import comfy.samplers
 
-from ..sampling.video_sampler import (MAX_FIXED_POINT_ITERATIONS, MAX_STEPS, SCHEDULE, SCHEDULES, invert_clip,
-                                      sample_clip)
+from ..sampling.validation import MAX_STEPS
+from ..sampling.video_sampler import MAX_FIXED_POINT_ITERATIONS, SCHEDULE, SCHEDULES, invert_clip, sample_clip
 
 
 class TuneAVideoInvert:

@@ -5,8 +5,11 @@ import folder_paths
 
 from ..attention_patches.adapter import STORAGE_DTYPES, adapter_of, apply_adapter, load_adapter_file, save_adapter
 from ..sampling.one_shot_tuning import DEFAULT_TRAINABLE, MAX_STEPS, PRECISIONS, TRAINABLE, tune_clip
+from ..sampling.validation import check_filename_prefix, check_save_folder, validation_message
 
 ADAPTER_FOLDER = "tune_a_video"
+FOLDER_WORDS = "models/tune_a_video"
+EXAMPLE_PREFIX = "TuneAVideo/adapter"
 
 
 def register_adapter_folder():
@@ -91,6 +94,8 @@ class TuneAVideoSaveAdapter:
 
     def save(self, adapter, filename_prefix, storage="fp32"):
         folder = folder_paths.get_folder_paths(ADAPTER_FOLDER)[0]
+        check_filename_prefix(filename_prefix, example=EXAMPLE_PREFIX, folder=FOLDER_WORDS)
+        check_save_folder(folder, filename_prefix, folder=FOLDER_WORDS)
         full_folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder)
         os.makedirs(full_folder, exist_ok=True)
         file = f"{name}_{counter:05}_.safetensors"
@@ -98,6 +103,11 @@ class TuneAVideoSaveAdapter:
         relative = "/".join(p for p in (subfolder.replace(os.sep, "/"), file) if p)
         return {"ui": {"adapters": [{"filename": relative, "subfolder": subfolder, "type": ADAPTER_FOLDER}],
                        "text": [relative]}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):  # None: linked, checked when the node runs
+        return validation_message(check_filename_prefix, filename_prefix, example=EXAMPLE_PREFIX,
+                                  folder=FOLDER_WORDS)
 
 
 class TuneAVideoLoadAdapter:

@@ -23,6 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..sampling.validation import (check_filename_prefix, check_name, check_readable, check_save_folder,
+                                   inside)
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif", ".webp")
 PILLOW_ANIMATED = (".webp",)  # FFmpeg has no animated-WebP decoder
@@ -117,9 +120,10 @@ def _natural_key(name):
 
 
 def image_files(folder) -> list[str]:
-    """Image files of a folder in natural order (frame2 before frame10)."""
-    names = [n for n in os.listdir(folder)
-             if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    """Image files of a folder in natural order (frame2 before frame10); regular files only (a named
+    pipe would block reading)."""
+    names = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)
+             and not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
     return [os.path.join(folder, n) for n in sorted(names, key=_natural_key)]
 
 
@@ -159,6 +163,9 @@ def _sample(frames, frame_load_cap, skip_first_frames, select_every_nth, width, 
             picked.append(resize_center_crop(load(), width, height))
             if len(picked) == frame_load_cap:
                 break
+    if read == 0:
+        raise ValueError(f"{label} decodes to 0 frames (its video stream is empty or unreadable). "
+                         "Re-export the video, or choose another file.")
     if len(picked) < frame_load_cap:
         available = len(picked)
         if available == 0:
@@ -180,7 +187,8 @@ def _load(open_source, label, frame_load_cap, skip_first_frames, select_every_nt
             clip, read = _sample(frames, frame_load_cap, skip_first_frames, select_every_nth,
                                  width, height, label)
     except (av.error.FFmpegError, UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{label} could not be decoded ({error}). Check that the file is a complete "
+        reason = getattr(error, "strerror", None) or type(error).__name__  # str(error) names the server path
+        raise ValueError(f"{label} could not be decoded ({reason}). Check that the file is a complete "
                          "mp4/webm/mov/gif/webp video or a folder of images; re-export it if "
                          "it is damaged.") from error
     except ValueError as error:
@@ -202,7 +210,7 @@ def load_frames(path, frame_load_cap=24, skip_first_frames=0, select_every_nth=2
     """
     label = label or f"video '{os.path.basename(os.path.normpath(path))}'"
     if not os.path.exists(path):
-        raise ValueError(f"{label} does not exist ({path}).")
+        raise ValueError(f"{label} does not exist.")
     return _load(partial(_open_path, path), label, frame_load_cap, skip_first_frames,
                  select_every_nth, width, height)
 
@@ -247,7 +255,7 @@ def encode_clip(images: torch.Tensor, path, fmt: str, fps: float, metadata: dict
         raise ValueError(f"images must be a non-empty IMAGE batch [frames, height, width, channels], "
                          f"got shape {tuple(images.shape)}.")
     if not fps > 0:
-        raise ValueError(f"fps={fps} must be greater than 0.")
+        raise ValueError(f"fps={fps} must be greater than 0: connect Load Frames' fps or type a rate such as 8.")
     frames = (_to_uint8(frame) for frame in images)
     if fmt == "mp4":
         height, width = images.shape[1] - images.shape[1] % 2, images.shape[2] - images.shape[2] % 2
@@ -272,36 +280,32 @@ def encode_clip(images: torch.Tensor, path, fmt: str, fps: float, metadata: dict
 
 # --- ComfyUI glue (folder_paths) ---
 
-def _escapes(relative: str) -> bool:
-    """True for absolute paths (any OS) and paths with a '..' component."""
-    return (os.path.isabs(relative) or relative.startswith(("/", "\\"))
-            or re.match(r"^[A-Za-z]:", relative) is not None or ".." in re.split(r"[\\/]", relative))
-
-
-def check_input_name(name) -> tuple[str, str]:
-    """A `video` value -> (name relative to its folder, that folder). ValueError for empty,
-    absolute or '..' names. Core's ' [input]'/' [output]'/' [temp]' suffixes pick the folder."""
+def check_input_name(name) -> tuple[str, str, str]:
+    """A `video` value -> (name relative to its folder, that folder, the folder in words). ValueError for
+    empty, absolute or '..' names and control characters. Core's ' [input]'/' [output]'/' [temp]'
+    suffixes pick the folder."""
     import folder_paths
 
     if not isinstance(name, str) or not name.strip():
         raise ValueError("video: no file chosen. Upload a video with the node's upload button or "
                          "copy one into ComfyUI's input folder.")
     relative, base = folder_paths.annotated_filepath(name.strip())
-    if _escapes(relative):
-        raise ValueError(f"video: '{name}' is not a name inside ComfyUI's input folder (absolute "
-                         "paths and '..' are refused). Copy the video into the input folder and "
-                         "choose it by name.")
-    return relative, base or folder_paths.get_input_directory()
+    tag = next((t for t in ("output", "temp") if name.strip().endswith(f"[{t}]")), "input")
+    words = f"ComfyUI's {tag} folder"
+    check_name(relative, "video", "clip.mp4", words)
+    return relative, base or folder_paths.get_input_directory(), words
 
 
 def resolve_input_path(name) -> str:
-    """A `video` value -> existing file or folder path; ValueError as check_input_name, or when
-    it does not exist."""
-    relative, base = check_input_name(name)
-    path = os.path.join(base, relative)
-    if not os.path.exists(path):
-        raise ValueError(f"video: '{name}' was not found in {base}. Upload it with the node's upload "
-                         "button or copy it there.")
+    """A `video` value -> path of an existing regular file or folder inside its ComfyUI folder (links
+    are resolved: none may lead out of it); ValueError as check_input_name, or when that fails."""
+    relative, base, words = check_input_name(name)
+    path = check_readable(base, relative, "video", words)
+    if os.path.isdir(path):
+        outside = next((f for f in image_files(path) if not inside(base, f)), None)
+        if outside is not None:
+            raise ValueError(f"video: '{name}': {os.path.basename(outside)} is a link to a file outside {words}; "
+                             "links leaving it are refused. Copy the images into the folder.")
     return path
 
 
@@ -366,14 +370,19 @@ def save_clip(images, fps, fmt, filename_prefix, metadata=None) -> dict:
 
     if fmt not in SAVE_FORMATS:
         raise ValueError(f"format='{fmt}' is not one of {', '.join(SAVE_FORMATS)}.")
-    if _escapes(os.path.normpath(filename_prefix)):
-        raise ValueError(f"filename_prefix: '{filename_prefix}' leaves the output folder (absolute "
-                         "paths and '..' are refused). Use a name such as TuneAVideo/clip.")
+    check_filename_prefix(filename_prefix)
+    output = folder_paths.get_output_directory()
+    check_save_folder(output, filename_prefix)
     extension, tag = SAVE_FORMATS[fmt]
     folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
-        filename_prefix, folder_paths.get_output_directory(), images.shape[2], images.shape[1])
+        filename_prefix, output, images.shape[2], images.shape[1])
     file = f"{filename}_{counter:05}_.{extension}"
-    encode_clip(images, os.path.join(folder, file), fmt, fps, metadata)
+    try:
+        encode_clip(images, os.path.join(folder, file), fmt, fps, metadata)
+    except BaseException:  # an error or a cancel mid-encoding leaves no half-written video
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, file))
+        raise
     entry = {"filename": file, "subfolder": subfolder, "type": "output", "format": tag,
              "frame_rate": float(fps), "frame_count": int(images.shape[0])}
     ui = {"images": [entry]}

@@ -1,4 +1,5 @@
 """TuneAVideoLoadFrames / TuneAVideoSaveVideo: the clip in and out; the logic lives in video_io."""
+from ..sampling.validation import check_filename_prefix, validation_message
 from . import video_io
 
 
@@ -60,10 +61,7 @@ class TuneAVideoLoadFrames:
         # files in subfolders or annotated ones ("clip.mp4 [output]"); existence is checked at run
         # time, where a connected video_input may make the file unnecessary.
         if isinstance(video, str) and video.strip():
-            try:
-                video_io.check_input_name(video)
-            except ValueError as error:
-                return str(error)
+            return validation_message(video_io.check_input_name, video)
         return True
 
 
@@ -103,3 +101,7 @@ class TuneAVideoSaveVideo:
             metadata = {**(extra_pnginfo or {}), **({"prompt": prompt} if prompt is not None else {})}
         ui = video_io.save_clip(images, fps, format, filename_prefix, metadata or None)
         return {"ui": ui, "result": (video_io.as_video(images, fps),) if VIDEO_OUTPUT else ()}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):  # None: linked, checked when the node runs
+        return validation_message(check_filename_prefix, filename_prefix)

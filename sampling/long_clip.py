@@ -42,6 +42,7 @@ import comfy.patcher_extension
 
 from ..attention_patches.layout import clip_total_frames, context_window, window_positions
 from ..attention_patches.unet_patch import get_tav_patch
+from .validation import check_count
 
 WRAPPER_KEY = "tune_a_video_long_clip"
 MAX_CHUNK_FRAMES = 4096
@@ -198,9 +199,9 @@ def apply_long_clip(model, chunk_frames: int = 16, overlap: int = 2):
     Any sampler that goes through ComfyUI's calc_cond_batch (KSampler, Tune-A-Video Sampler and
     Invert) is covered. Re-applying replaces the settings. The input model is left untouched.
     """
-    _check_int("chunk_frames", chunk_frames, MAX_CHUNK_FRAMES,
-               "16 fits most cards; lower it if sampling runs out of memory.")
-    _check_int("overlap", overlap, MAX_OVERLAP, "2 hides chunk seams at (chunk + 3) / chunk of the cost.")
+    check_count(chunk_frames, "chunk_frames", MAX_CHUNK_FRAMES,
+                "16 fits most cards; lower it if sampling runs out of memory.")
+    check_count(overlap, "overlap", MAX_OVERLAP, "2 hides chunk seams at (chunk + 3) / chunk of the cost.")
     long_clip = LongClip(chunk_frames, overlap)
     m = model.clone()
     for kind, fn in ((comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, long_clip.calc_cond_batch),
@@ -209,11 +210,6 @@ def apply_long_clip(model, chunk_frames: int = 16, overlap: int = 2):
         m.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
     m.set_attachments(WRAPPER_KEY, long_clip)
     return m
-
-
-def _check_int(name, value, most, hint):
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
-        raise ValueError(f"{name} must be an integer from 1 to {most}, got {value!r}. {hint}")
 
 
 def get_long_clip(model) -> LongClip | None:

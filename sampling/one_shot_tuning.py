@@ -18,6 +18,7 @@ from ..attention_patches.adapter import adapter_of, apply_adapter, make_adapter
 from ..attention_patches.unet_patch import TAVConfig, apply_tav, get_tav_patch
 from .training_clone import TuningRun
 from .tuning_objective import NODE
+from .validation import MAX_STEPS, check_count, check_latent
 
 QUERIES = ("attn1.to_q", "attn2.to_q")
 ATTENTION = tuple(f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0"))
@@ -31,25 +32,11 @@ TRAINABLE = {
 }
 DEFAULT_TRAINABLE = "tune_a_video"
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MAX_STEPS = 100000
 
 # --- the node's entry point -------------------------------------------------------------------
 
-def check_latent(latent) -> torch.Tensor:
-    samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.is_nested or samples.ndim != 4 or samples.shape[0] < 1:
-        raise ValueError(f"{NODE}: latent must be a LATENT batch of frames [frames, channels, height, width] "
-                         "(VAE Encode of the clip's frames).")
-    if not torch.isfinite(samples).all():
-        raise ValueError(f"{NODE}: latent contains NaN or infinite values. Re-encode the clip (VAE Encode in "
-                         "fp32 if the VAE overflows).")
-    return samples
-
-
 def check_arguments(model, steps, learning_rate, trainable, precision):
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"{NODE}: steps must be an integer from 1 to {MAX_STEPS}, got {steps!r} "
-                         "(Tune-A-Video: 300-500).")
+    check_count(steps, "steps", MAX_STEPS, "Tune-A-Video tunes 300-500 steps.")
     if not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate) or learning_rate <= 0:
         raise ValueError(f"{NODE}: learning_rate must be a positive number, got {learning_rate!r} (Tune-A-Video: 3e-5).")
     if trainable not in TRAINABLE:
@@ -102,11 +89,7 @@ def tune_clip(model, latent, positive, steps=500, learning_rate=3e-5, seed=0, tr
     top of its checkpoint (a previous adapter's deltas included).
     """
     check_arguments(model, steps, learning_rate, trainable, precision)
-    samples = check_latent(latent)
-    channels = model.get_model_object("latent_format").latent_channels
-    if samples.shape[1] != channels:
-        raise ValueError(f"{NODE}: latent has {samples.shape[1]} channels but this model expects {channels}; "
-                         "encode the frames with this checkpoint's VAE.")
+    samples = check_latent(latent, model.get_model_object("latent_format").latent_channels)
     if not positive:
         raise ValueError(f"{NODE}: positive is empty; connect CLIP Text Encode with the clip's prompt.")
     patched = model if get_tav_patch(model) is not None else apply_tav(model, TAVConfig())

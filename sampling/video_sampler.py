@@ -18,6 +18,7 @@ import comfy.utils
 import latent_preview  # ComfyUI's own module (progress bar + previews), like nodes.common_ksampler
 
 from .ddim_inversion import inversion_sigmas, sample_ddim_inversion, vp_input_ratio
+from .validation import check_latent, check_steps
 
 INVERSION_KEY = "tav_inversion"
 SCHEDULE = "ddim_uniform"  # ComfyUI's DDIM timesteps (1, 21, ..., 981 for 50 steps on SD1.x)
@@ -25,27 +26,11 @@ SCHEDULE = "ddim_uniform"  # ComfyUI's DDIM timesteps (1, 21, ..., 981 for 50 st
 # set_alpha_to_one False: the clean latent sits at alphas_cumprod[0], sigma_0 ~ 0.029 on SD1.x, where
 # inversion starts and sampling ends). comfyui: ComfyUI's ddim_uniform from and to sigma = 0.
 SCHEDULES = ("tune_a_video", "comfyui")
-MAX_STEPS = 10000
 MAX_FIXED_POINT_ITERATIONS = 20
 
 
-def check_steps(steps, name="steps"):
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"{name} must be an integer from 1 to {MAX_STEPS}, got {steps!r}. "
-                         "Use 50 for Tune-A-Video's DDIM inversion and sampling.")
-
-
-def check_latent(latent, name="latent") -> torch.Tensor:
-    """The clip's samples [F, C, H, W], or a ValueError naming the input."""
-    samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.is_nested or samples.ndim != 4:
-        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) and not samples.is_nested else None
-        raise ValueError(f"{name} must be a LATENT batch of frames [frames, channels, height, width], "
-                         f"got {shape or type(samples).__name__}. Encode the clip's frames with VAE Encode.")
-    if not torch.isfinite(samples).all():
-        raise ValueError(f"{name} contains NaN or infinite values. Re-encode the clip (VAE Encode in "
-                         "fp32 if the VAE overflows) or check the node that produced it.")
-    return samples
+def latent_channels(model) -> int:
+    return model.get_model_object("latent_format").latent_channels
 
 
 def _eps_like(model, node_name):
@@ -117,7 +102,7 @@ def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0,
     if not conditioning:
         raise ValueError("conditioning is empty. Connect CLIP Text Encode with an empty prompt "
                          "(Tune-A-Video inverts with \"\") or the clip's prompt.")
-    samples = check_latent(latent)
+    samples = check_latent(latent, latent_channels(model))
     model_sampling = _eps_like(model, "Tune-A-Video Invert")
     sigmas = inversion_schedule(model, steps, schedule)
 
@@ -143,15 +128,15 @@ def sample_clip(model, positive, negative, latent, seed=0, steps=50, cfg=12.5, s
     used, so the deterministic samplers retrace the inversion; otherwise it is KSampler on a batch.
     """
     check_steps(steps)
-    samples = check_latent(latent)
+    samples = check_latent(latent, latent_channels(model))
     if sampler_name not in comfy.samplers.KSampler.SAMPLERS:
         raise ValueError(f"sampler_name {sampler_name!r} is not one of ComfyUI's samplers.")
     if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
         raise ValueError(f"scheduler {scheduler!r} is not one of ComfyUI's schedulers.")
     if not (isinstance(denoise, (int, float)) and 0.0 <= denoise <= 1.0):
-        raise ValueError(f"denoise must be between 0.0 and 1.0, got {denoise!r}.")
+        raise ValueError(f"denoise must be between 0.0 and 1.0, got {denoise!r}. Use 1.0 to sample a whole clip.")
     if not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
-        raise ValueError(f"cfg must be a finite number, got {cfg!r}.")
+        raise ValueError(f"cfg must be a finite number, got {cfg!r}. Tune-A-Video uses 12.5.")
 
     inversion = latent.get(INVERSION_KEY)
     sigmas = None
