@@ -4,7 +4,7 @@ from ..sampling import clip_metrics, toy_world
 
 
 def _image_embeds(clip_vision, images):
-    return clip_vision.encode_image(images, crop=True)["image_embeds"].float()
+    return clip_vision.encode_image(images, crop=True)["image_embeds"].detach().float()
 
 
 class TuneAVideoCLIPFrameConsistency:
@@ -53,7 +53,7 @@ class TuneAVideoCLIPTextAlignment:
 
     def score(self, clip_vision, clip, images, text):
         _, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-        scores = clip_metrics.frame_scores(_image_embeds(clip_vision, images), pooled.float())
+        scores = clip_metrics.frame_scores(_image_embeds(clip_vision, images), pooled.detach().float())
         return float(scores.mean()), clip_metrics.plot_values(scores, lo=0.0, hi=40.0)
 
 
