@@ -70,7 +70,7 @@ def shape_masks(shapes, centres, frame_size: int, size: float | None = None) -> 
     Pixel (row, col) covers [col, col+1) x [row, row+1); it is inside when its centre is.
     """
     size = object_size(frame_size) if size is None else size
-    c = torch.as_tensor(centres, dtype=torch.float32).reshape(-1, 2)
+    c = torch.stack([torch.as_tensor(p, dtype=torch.float32).reshape(2) for p in centres])
     grid = torch.arange(frame_size, dtype=torch.float32) + 0.5
     dx = grid.view(1, 1, -1) - c[:, 0].view(-1, 1, 1)
     dy = grid.view(1, -1, 1) - c[:, 1].view(-1, 1, 1)

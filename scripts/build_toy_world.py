@@ -119,9 +119,9 @@ def train_unet(unet, contexts, empty, toy_world, toy_vae, steps, batch, lr, seed
     return losses
 
 
-def build(force=False, log=print, **overrides) -> Path:
-    """The cached toy-world checkpoint, built first when missing (or when force)."""
-    path = checkpoint_path()
+def build(force=False, log=print, path: Path | None = None, **overrides) -> Path:
+    """The cached toy-world checkpoint (or `path`), built first when missing (or when force)."""
+    path = Path(path) if path else checkpoint_path()
     if path.is_file() and not force:
         return path
     toy_world, toy_vae = load_pack_modules()
