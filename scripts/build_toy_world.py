@@ -184,11 +184,11 @@ def generate(path: Path, texts, samples: int, seed=0, steps=20, cfg=7.5):
     return out
 
 
-def evaluate(path: Path, samples: int, log=print) -> dict:
+def evaluate(path: Path, samples: int, log=print, steps=20, cfg=7.5) -> dict:
     """Per prompt: share of generated frames whose object has the prompt's colour / shape."""
     toy_world, _ = load_pack_modules()
     results = {}
-    for text, images in generate(path, prompts(toy_world), samples).items():
+    for text, images in generate(path, prompts(toy_world), samples, steps=steps, cfg=cfg).items():
         colour, shape = toy_world.parse_prompt(text)
         found = [toy_world.find_object(im) for im in images]
         results[text] = {"colour": sum(o is not None and o["colour"] == colour for o in found) / samples,
@@ -206,15 +206,17 @@ def main(argv=None) -> int:
     p.add_argument("--evaluate", type=int, metavar="N", help="then generate N samples per prompt and score them")
     for key, value in DEFAULTS.items():
         p.add_argument(f"--{key}", type=type(value), help=f"default {value}")
+    p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps when evaluating")
+    p.add_argument("--checkpoint", type=Path, help="evaluate this file instead of building")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     a = p.parse_args(argv)
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    path = build(a.force, log, **{k: getattr(a, k) for k in DEFAULTS})
+    path = a.checkpoint or build(a.force, log, **{k: getattr(a, k) for k in DEFAULTS})
     if a.evaluate:
-        evaluate(path, a.evaluate, log)
+        evaluate(path, a.evaluate, log, steps=a.eval_steps)
     print(path)
     return 0
 
