@@ -27,3 +27,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TuneAVideoLoadFrames": "Tune-A-Video Load Frames",
     "TuneAVideoSaveVideo": "Tune-A-Video Save Video",
 }
+from .metric_nodes import NODE_CLASS_MAPPINGS as _METRICS, NODE_DISPLAY_NAME_MAPPINGS as _METRIC_NAMES  # noqa: E402
+NODE_CLASS_MAPPINGS.update(_METRICS), NODE_DISPLAY_NAME_MAPPINGS.update(_METRIC_NAMES)

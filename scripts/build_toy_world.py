@@ -1,0 +1,225 @@
+"""Build the toy-world checkpoint: an SD1.5-format model whose pictures follow "a <colour> <shape>".
+
+ComfyUI detects it as SD15 and its own nodes (Load Checkpoint, CLIP Text Encode, VAE Encode/Decode,
+KSampler, the Tune-A-Video nodes) work on it unchanged. Parts:
+  - text encoder: the seeded random CLIP-L of scripts/comfy_runtime.py's random checkpoint (distinct
+    prompts give distinct embeddings; the UNet learns to read them);
+  - VAE: constructed by hand (scripts/toy_vae.py), no training;
+  - UNet: the random checkpoint's reduced SD1.5 layout, trained from scratch here on rendered toy-world
+    frames (sampling/toy_world.py) with the eps objective on SD1.5's schedule, 10 % empty prompts (for
+    classifier-free guidance), AdamW. Seeded; cached in .cache/toy_world/ (never committed).
+
+    python scripts/build_toy_world.py                 # build once (or reuse), print the checkpoint path
+    python scripts/build_toy_world.py --evaluate 20   # generation accuracy, 20 samples per prompt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comfy_runtime  # noqa: E402
+
+VERSION = 1  # bump when the recipe changes: the cached file name changes with it
+FRAME_SIZE = 96
+DEFAULTS = {"steps": 400, "batch": 24, "lr": 5e-4, "seed": 0, "dropout": 0.1}
+
+
+def checkpoint_path() -> Path:
+    return comfy_runtime.CACHE / "toy_world" / f"tav_toy_world_v{VERSION}.safetensors"
+
+
+def load_pack_modules():
+    comfy_runtime.import_comfy()
+    import comfy.cli_args
+
+    # PyTorch's SDPA: its backward is far cheaper on a CPU than ComfyUI's default sub-quadratic attention.
+    comfy.cli_args.args.use_pytorch_cross_attention = True
+    pack = comfy_runtime.load_pack()
+    import importlib
+    import toy_vae
+
+    return importlib.import_module(f"{pack.__name__}.sampling.toy_world"), toy_vae
+
+
+def prompts(toy_world) -> list[str]:
+    return [toy_world.prompt(c, s) for c in toy_world.COLOURS for s in toy_world.SHAPES]
+
+
+def encode_texts(clip, texts):
+    """[len(texts), 77, 768]: CLIP Text Encode's conditioning for each text."""
+    import torch
+
+    return torch.cat([clip.encode_from_tokens(clip.tokenize(t)) for t in texts]).float()
+
+
+def _reinit(unet):
+    """PyTorch's default init, with SD's zero-initialised output convs (each block starts as identity)."""
+    import torch
+
+    for name, m in unet.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.Linear.reset_parameters(m)  # ComfyUI's ops skip init: call torch's own
+        elif isinstance(m, torch.nn.Conv2d):
+            torch.nn.Conv2d.reset_parameters(m)
+        elif isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            torch.nn.init.ones_(m.weight), torch.nn.init.zeros_(m.bias)
+        if name.endswith(("out_layers.3", "proj_out")) or name == "out.2":
+            torch.nn.init.zeros_(m.weight), torch.nn.init.zeros_(m.bias)
+
+
+def train_unet(unet, contexts, empty, toy_world, toy_vae, steps, batch, lr, seed, dropout, log=print,
+               snapshot=None):
+    """Train unet (in place, fp32) to predict the noise of rendered toy-world latents. Returns the loss log."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1 - betas, 0).float()  # SD1.5's DDPM schedule (scaled_linear)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1, (i + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps))))
+    unet.train()
+    losses, t0, c0 = [], time.time(), time.process_time()
+    names = list(toy_world.COLOURS)
+    for step in range(steps):
+        colours, shapes, centres = toy_world.random_scenes(batch, FRAME_SIZE, g)
+        x0 = toy_vae.encode_reference(toy_world.render(colours, shapes, centres, FRAME_SIZE))
+        idx = torch.tensor([names.index(c) * len(toy_world.SHAPES) + toy_world.SHAPES.index(s)
+                            for c, s in zip(colours, shapes)])
+        ctx = contexts[idx]
+        drop = torch.rand(batch, generator=g) < dropout
+        ctx[drop] = empty
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls (AMX where the CPU has it)
+            pred = unet(xt, timesteps=t.float(), context=ctx)
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if snapshot and (step + 1) % snapshot[0] == 0 and step + 1 < steps:
+            snapshot[1](step + 1, losses)
+        if step % 25 == 0 or step == steps - 1:
+            recent = sum(losses[-50:]) / len(losses[-50:])
+            log(f"step {step + 1}/{steps} loss {recent:.4f} wall {time.time() - t0:.0f}s "
+                f"cpu {time.process_time() - c0:.0f}s")
+    unet.eval()
+    return losses
+
+
+def build(force=False, log=print, path: Path | None = None, **overrides) -> Path:
+    """The cached toy-world checkpoint (or `path`), built first when missing (or when force)."""
+    path = Path(path) if path else checkpoint_path()
+    if path.is_file() and not force:
+        return path
+    toy_world, toy_vae = load_pack_modules()
+    import torch
+    import comfy.sd
+    import safetensors.torch
+
+    cfg = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    t0, c0 = time.time(), time.process_time()
+    torch.manual_seed(cfg["seed"])
+    base = comfy_runtime.random_checkpoint()
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(base), output_vae=False)
+    contexts = encode_texts(clip, prompts(toy_world))
+    empty = encode_texts(clip, [""])[0]
+    unet = model.model.diffusion_model.float()
+    _reinit(unet)
+    log(f"toy world: training the UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M params), "
+        f"{cfg['steps']} steps of {cfg['batch']} frames")
+    base_sd = safetensors.torch.load_file(str(base))
+    clip_sd = {k: v for k, v in base_sd.items() if k.startswith("cond_stage_model.")}
+    vae_sd = {f"first_stage_model.{k}": v.half() for k, v in toy_vae.toy_vae_state_dict().items()}
+
+    def save(target, steps_done, losses):
+        sd = {**clip_sd, **vae_sd}
+        sd.update({f"model.diffusion_model.{k}": v.detach().half() for k, v in unet.state_dict().items()})
+        meta = {**cfg, "steps_done": steps_done, "version": VERSION, "frame_size": FRAME_SIZE,
+                "final_loss": sum(losses[-50:]) / len(losses[-50:]), "build_wall_s": round(time.time() - t0),
+                "build_cpu_s": round(time.process_time() - c0), "prompts": prompts(toy_world)}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        safetensors.torch.save_file(sd, str(tmp), metadata={"tav_toy_world": json.dumps(meta)})
+        tmp.rename(target)
+        return meta
+
+    partial = path.with_name(path.stem + "_partial.safetensors")  # snapshots while training, for a look
+    losses = train_unet(unet, contexts, empty, toy_world, toy_vae, cfg["steps"], cfg["batch"], cfg["lr"],
+                        cfg["seed"], cfg["dropout"], log, (50, lambda n, ls: save(partial, n, ls)))
+    meta = save(path, cfg["steps"], losses)
+    partial.unlink(missing_ok=True)
+    log(f"toy world: built in {meta['build_wall_s']} s wall, {meta['build_cpu_s']} s CPU -> {path}")
+    return path
+
+
+def generate(path: Path, texts, samples: int, seed=0, steps=20, cfg=7.5):
+    """IMAGE [samples, H, W, 3] per text, generated from the prompt alone with ComfyUI's sampler."""
+    import torch
+    import comfy.sample
+    import comfy.sd
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path))
+    out = {}
+    for i, text in enumerate(texts):
+        pos = [[clip.encode_from_tokens(clip.tokenize(text)), {}]]
+        neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
+        latent = torch.zeros(samples, 4, FRAME_SIZE // 8, FRAME_SIZE // 8)
+        noise = comfy.sample.prepare_noise(latent, seed + i)
+        samples_out = comfy.sample.sample(model, noise, steps, cfg, "ddim", "ddim_uniform", pos, neg, latent,
+                                          seed=seed + i, disable_pbar=True)
+        out[text] = vae.decode(samples_out)
+    return out
+
+
+def evaluate(path: Path, samples: int, log=print, steps=20, cfg=7.5) -> dict:
+    """Per prompt: share of generated frames whose object has the prompt's colour / shape."""
+    toy_world, _ = load_pack_modules()
+    results = {}
+    for text, images in generate(path, prompts(toy_world), samples, steps=steps, cfg=cfg).items():
+        colour, shape = toy_world.parse_prompt(text)
+        found = [toy_world.find_object(im) for im in images]
+        results[text] = {"colour": sum(o is not None and o["colour"] == colour for o in found) / samples,
+                         "shape": sum(o is not None and o["shape"] == shape for o in found) / samples}
+        log(f"{text:20s} colour {results[text]['colour']:.2f} shape {results[text]['shape']:.2f}")
+    n = len(results)
+    log(f"mean: colour {sum(r['colour'] for r in results.values()) / n:.3f} "
+        f"shape {sum(r['shape'] for r in results.values()) / n:.3f}")
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--force", action="store_true", help="rebuild even when cached")
+    p.add_argument("--evaluate", type=int, metavar="N", help="then generate N samples per prompt and score them")
+    for key, value in DEFAULTS.items():
+        p.add_argument(f"--{key}", type=type(value), help=f"default {value}")
+    p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps when evaluating")
+    p.add_argument("--checkpoint", type=Path, help="evaluate this file instead of building")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    a = p.parse_args(argv)
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    path = a.checkpoint or build(a.force, log, **{k: getattr(a, k) for k in DEFAULTS})
+    if a.evaluate:
+        evaluate(path, a.evaluate, log, steps=a.eval_steps)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Scored Tune-A-Video edits on the toy world, through the shipped workflow on a real ComfyUI server.
+
+For each held-out source clip (one object moving, 8 frames; trajectories, colours and shapes used by no
+test): workflows/tav_tune_and_edit_api.json tunes on the clip and its prompt, inverts it and samples
+each edited prompt. Two baselines run in the same graphs: the untuned, unpatched model editing each frame
+on its own (inversion per frame), and Tune-A-Video without inversion (random start noise). Every result is
+scored from its frames alone (sampling/toy_world.py: edit accuracy, motion error, colour/size spread,
+background kept).
+
+    python scripts/toy_world_edit.py                    # all 12 edits; table + strip in out/toy_world/
+    python scripts/toy_world_edit.py --demo             # one edit, prints its scores and the video path
+    python scripts/toy_world_edit.py --checkpoint other.safetensors --tune-steps 100 --lr 1e-4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import build_toy_world  # noqa: E402
+import comfy_runtime  # noqa: E402
+import run_workflow  # noqa: E402
+
+FRAMES, SIZE = 8, build_toy_world.FRAME_SIZE
+WORKFLOW = comfy_runtime.PACK_DIR / "workflows" / "tav_tune_and_edit_api.json"
+EDITS = [  # (source colour, shape, trajectory), edited prompts: colour, shape, both
+    (("green", "square", "arc"), ["a yellow square", "a green circle", "a blue triangle"]),
+    (("blue", "triangle", "zigzag"), ["a red triangle", "a blue square", "a yellow circle"]),
+    (("yellow", "circle", "anti_diagonal"), ["a green circle", "a yellow triangle", "a red square"]),
+    (("red", "square", "circle"), ["a blue square", "a red circle", "a green triangle"]),
+]
+METHODS = {"tune_a_video": "Tune-A-Video (tuned, inverted)", "no_inversion": "Tune-A-Video, random start noise",
+           "per_frame": "untuned, unpatched, per-frame inversion"}
+
+
+def edit_graph(clip_dir: str, ckpt: str, source_prompt: str, edited: str, a) -> dict:
+    """The shipped workflow with the toy settings, plus both baselines and a SaveImage per method."""
+    p = run_workflow.substitute(json.loads(WORKFLOW.read_text()), video=clip_dir, positive=edited,
+                                source_prompt=source_prompt, checkpoint=ckpt, frames=FRAMES, width=SIZE,
+                                height=SIZE, steps=a.steps, cfg=a.cfg, tune_steps=a.tune_steps,
+                                precision="fp32", seed=a.seed, filename_prefix="toy_world/tune_edit")
+    (load,) = run_workflow.nodes_of(p, "TuneAVideoLoadFrames")
+    (tune,) = run_workflow.nodes_of(p, "TuneAVideoTune")
+    (sampler,) = run_workflow.nodes_of(p, "TuneAVideoSampler")
+    (invert,) = run_workflow.nodes_of(p, "TuneAVideoInvert")
+    p[load]["inputs"]["select_every_nth"] = 1
+    p[tune]["inputs"].update(learning_rate=a.lr, seed=a.seed)
+    s = p[sampler]["inputs"]
+    ckpt_model = [run_workflow.nodes_of(p, "CheckpointLoaderSimple")[0], 0]
+    vae = [ckpt_model[0], 2]
+    decoded = {"tune_a_video": [run_workflow.nodes_of(p, "VAEDecode")[0], 0]}
+    p["100"] = {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": FRAMES}}
+    p["101"] = {"class_type": "TuneAVideoSampler", "inputs": {**s, "latent": ["100", 0]}}
+    p["102"] = {"class_type": "VAEDecode", "inputs": {"samples": ["101", 0], "vae": vae}}
+    decoded["no_inversion"] = ["102", 0]
+    p["110"] = {"class_type": "TuneAVideoInvert", "inputs": {**p[invert]["inputs"], "model": ckpt_model}}
+    p["111"] = {"class_type": "TuneAVideoSampler", "inputs": {**s, "model": ckpt_model, "latent": ["110", 0]}}
+    p["112"] = {"class_type": "VAEDecode", "inputs": {"samples": ["111", 0], "vae": vae}}
+    decoded["per_frame"] = ["112", 0]
+    for i, (method, link) in enumerate(decoded.items()):
+        p[str(120 + i)] = {"class_type": "SaveImage", "inputs": {"images": link,
+                                                                  "filename_prefix": f"toy_world/{method}"}}
+    return p
+
+
+def _frames(paths):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    return torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255)
+                        for f in paths])
+
+
+def run(a) -> list[dict]:
+    toy_world, _ = build_toy_world.load_pack_modules()
+    import torch
+    from PIL import Image
+
+    ckpt = Path(a.checkpoint) if a.checkpoint else build_toy_world.build(log=lambda s: print(s, file=sys.stderr))
+    edits = EDITS[:1] if a.demo else EDITS
+    server = comfy_runtime.ComfyServer(a.base_dir, checkpoints=[ckpt])
+    rows = []
+    with server:
+        for (colour, shape, kind), targets in edits:
+            source = toy_world.render_clip(colour, shape, kind, FRAMES, SIZE)
+            clip_dir = f"toy_{colour}_{shape}_{kind}"
+            (a.base_dir / "input" / clip_dir).mkdir(parents=True, exist_ok=True)
+            for i, frame in enumerate(source):
+                Image.fromarray((frame * 255).round().byte().numpy()).save(a.base_dir / "input" / clip_dir / f"{i:04d}.png")
+            for edited in targets[:1] if a.demo else targets:
+                t0 = time.time()
+                entry = server.run_ok(edit_graph(clip_dir, ckpt.name, toy_world.prompt(colour, shape), edited, a),
+                                      timeout=7200)
+                results = {"source": toy_world.prompt(colour, shape), "trajectory": kind, "edited": edited,
+                           "wall_s": round(time.time() - t0)}
+                clips = {"source": source}
+                for node in entry["outputs"].values():
+                    for item in node.get("images", []):
+                        method = item["filename"].split("_0")[0]
+                        if method in METHODS:
+                            clips.setdefault(method, []).append(a.base_dir / "output" / item["subfolder"] / item["filename"])
+                        elif item.get("format"):
+                            results["video"] = str(a.base_dir / "output" / item["subfolder"] / item["filename"])
+                for method in METHODS:
+                    clips[method] = _frames(sorted(clips[method]))
+                    results[method] = toy_world.score_edit(clips[method], source, *toy_world.parse_prompt(edited))
+                rows.append(results)
+                strip = toy_world.strip([clips[k] for k in ("source", *METHODS)])[0]
+                name = f"{clip_dir}__{edited.replace(' ', '_')}.png"
+                Image.fromarray((strip * 255).round().byte().numpy()).save(a.out / name)
+                print(summary_line(results), file=sys.stderr, flush=True)
+    return rows
+
+
+def summary_line(r) -> str:
+    s = r["tune_a_video"]
+    return (f"{r['source']} ({r['trajectory']}) -> {r['edited']}: edit accuracy {s['edit_accuracy']:.2f}, "
+            f"motion error {s['motion_error_px']:.1f} px, background kept {s['background_kept']:.2f}"
+            + (f"; video {r['video']}" if r.get("video") else ""))
+
+
+def table(rows) -> str:
+    """Markdown: mean scores per method over the edits (colour-only edits reported apart)."""
+    keys = ("edit_accuracy", "colour_accuracy", "shape_accuracy", "motion_error_px", "colour_spread",
+            "size_spread", "background_kept")
+    lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for method, label in METHODS.items():
+        means = [sum(r[method][k] for r in rows) / len(rows) for k in keys]
+        lines.append(f"| {label} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo", action="store_true", help="one edit only")
+    p.add_argument("--checkpoint", help="a toy-world checkpoint (default: build or reuse the cached one)")
+    p.add_argument("--tune-steps", type=int, default=50)
+    p.add_argument("--lr", type=float, default=1e-4, help="tuning learning rate")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (inversion and sampling)")
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-dir", type=Path, default=comfy_runtime.PACK_DIR / "out" / "toy_world" / "comfy")
+    a = p.parse_args(argv)
+    a.base_dir = a.base_dir.resolve()
+    a.out = a.base_dir.parent
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = run(a)
+    (a.out / "scores.json").write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The toy world: renderer and frame scores (exact), the constructed VAE through ComfyUI's own VAE class
+(measured PSNR), and the checkpoint format through ComfyUI's loader (a 2-step build: format, not quality)."""
+import math
+
+import pytest
+import torch
+
+import tavlib
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def tw():
+    return tavlib.pack_module("sampling.toy_world")
+
+
+@pytest.fixture(scope="module")
+def toy_vae():
+    import toy_vae
+    return toy_vae
+
+
+def test_renderer_places_every_object_where_asked(tw):
+    lo, hi = tw.position_range(SIZE)
+    for colour in tw.COLOURS:
+        for shape in tw.SHAPES:
+            for centre in [(lo, lo), (hi, hi), (lo + 7.3, hi - 11.6)]:
+                frame = tw.render([colour], [shape], [centre], SIZE)[0]
+                found = tw.find_object(frame)
+                assert (found["colour"], found["shape"]) == (colour, shape)
+                assert math.dist(found["centre"], centre) < 0.6  # the area centroid, for every shape
+                expected = tw.AREA_FACTOR[shape] * tw.object_size(SIZE) ** 2
+                assert abs(found["area"] - expected) < 0.04 * expected
+                edge = torch.cat([frame[0], frame[-1], frame[:, 0], frame[:, -1]])
+                assert edge.max() == 0  # inside the frame, with a margin
+
+
+def test_trajectories_and_prompts(tw):
+    for kind in tw.TRAJECTORIES:
+        path = tw.trajectory(kind, 8, SIZE)
+        lo, hi = tw.position_range(SIZE)
+        assert path.shape == (8, 2) and path.min() >= lo - 1e-4 and path.max() <= hi + 1e-4
+    assert tw.trajectory("left_to_right", 8, SIZE)[:, 0].diff().min() > 0
+    assert tw.parse_prompt("A Yellow triangle, drifting") == ("yellow", "triangle")
+    with pytest.raises(ValueError, match="one colour"):
+        tw.parse_prompt("a red blue circle")
+    with pytest.raises(ValueError, match="unknown trajectory"):
+        tw.trajectory("spiral", 8, SIZE)
+
+
+def test_score_edit_exact_values(tw):
+    source = tw.render_clip("red", "circle", "diagonal", 8, SIZE)
+    same = tw.score_edit(source, source, "red", "circle")
+    assert same == {"frames": 8, "edit_accuracy": 1.0, "colour_accuracy": 1.0, "shape_accuracy": 1.0,
+                    "motion_error_px": 0.0, "colour_spread": 0.0, "size_spread": same["size_spread"],
+                    "background_kept": 1.0}
+    assert same["size_spread"] < 0.02
+    edit = tw.render_clip("green", "triangle", "diagonal", 8, SIZE)
+    scores = tw.score_edit(edit, source, "green", "triangle")
+    assert scores["edit_accuracy"] == 1.0 and scores["motion_error_px"] < 0.6
+    # one frame of the wrong colour, the object shifted 5 px, the background disturbed
+    bad = edit.clone()
+    bad[3] = tw.render(["blue"], ["triangle"], [tw.trajectory("diagonal", 8, SIZE)[3]], SIZE)[0]
+    s = tw.score_edit(bad, source, "green", "triangle")
+    assert (s["edit_accuracy"], s["colour_accuracy"], s["shape_accuracy"]) == (7 / 8, 7 / 8, 1.0)
+    assert s["colour_spread"] > 0.2
+    shifted = tw.render(["green"] * 8, ["triangle"] * 8, tw.trajectory("diagonal", 8, SIZE) + torch.tensor([5.0, 0.0]), SIZE)
+    assert tw.score_edit(shifted, source, "green", "triangle")["motion_error_px"] == pytest.approx(5.0, abs=0.3)
+    noisy = edit.clone()
+    noisy[:, :10] = 0.5
+    assert tw.score_edit(noisy, source, "green", "triangle")["background_kept"] < 0.95
+    empty = torch.zeros_like(edit)
+    assert tw.score_edit(empty, source, "green", "triangle")["motion_error_px"] == SIZE
+
+
+def test_vae_round_trip_through_comfyui(tw, toy_vae, one_thread):
+    """ComfyUI's VAE with the constructed fp16 weights computes the documented reference functions."""
+    import comfy.sd
+
+    vae = comfy.sd.VAE(sd={k: v.half() for k, v in toy_vae.toy_vae_state_dict().items()})
+    g = torch.Generator().manual_seed(1)
+    frames = tw.render(*tw.random_scenes(4, SIZE, g), SIZE)
+    with torch.inference_mode():
+        z = vae.encode(frames)
+        assert torch.allclose(z * toy_vae.SCALE, toy_vae.encode_reference(frames), atol=2e-3)
+        decoded = vae.decode(z)
+    assert torch.allclose(decoded, toy_vae.decode_reference(z * toy_vae.SCALE), atol=2e-2)
+    psnr = 10 * torch.log10(1 / ((decoded - frames) ** 2).mean((1, 2, 3)))
+    assert psnr.min() > 21
+
+
+def test_vae_psnr_and_recognisability(tw, toy_vae):
+    g = torch.Generator().manual_seed(2)
+    colours, shapes, centres = tw.random_scenes(120, SIZE, g)
+    frames = tw.render(colours, shapes, centres, SIZE)
+    decoded = toy_vae.decode_reference(toy_vae.encode_reference(frames))
+    psnr = 10 * torch.log10(1 / ((decoded - frames) ** 2).mean((1, 2, 3)))
+    assert psnr.mean() >= 25 and psnr.min() >= 20, (float(psnr.mean()), float(psnr.min()))
+    found = [tw.find_object(f) for f in decoded]
+    assert all((o["colour"], o["shape"]) == (c, s) for o, c, s in zip(found, colours, shapes))
+    assert max(math.dist(o["centre"], c.tolist()) for o, c in zip(found, centres)) < 1.5
+
+
+def test_checkpoint_format_through_comfyui(tmp_path, one_thread):
+    """A 2-step build (format only): ComfyUI detects SD15; CLIP Text Encode, KSampler and VAE run on it."""
+    import build_toy_world
+    import comfy.sd
+    import comfy.supported_models
+    import nodes
+
+    path = build_toy_world.build(path=tmp_path / "toy.safetensors", steps=2, batch=2, log=lambda s: None)
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path))
+    assert type(model.model.model_config) is comfy.supported_models.SD15
+    with torch.inference_mode():
+        (cond,) = nodes.CLIPTextEncode().encode(clip, "a red circle")
+        (latent,) = nodes.EmptyLatentImage().generate(SIZE, SIZE, 1)
+        (out,) = nodes.KSampler().sample(model, 0, 2, 5.0, "ddim", "ddim_uniform", cond, cond, latent)
+        (image,) = nodes.VAEDecode().decode(vae, out)
+    assert image.shape == (1, SIZE, SIZE, 3) and torch.isfinite(image).all()
