@@ -254,7 +254,7 @@ def test_bad_inputs_are_clear_errors(base):
     with torch.inference_mode():
         with pytest.raises(ValueError, match="NaN or infinite"):
             ost.tune_clip(base, {"samples": CLIP * float("nan")}, POSITIVE, steps=1, precision="fp32")
-        with pytest.raises(ValueError, match="latent has 16 channels but this model expects 4"):
+        with pytest.raises(ValueError, match="latent has 16 channels but this model.s latents have 4"):
             ost.tune_clip(base, {"samples": torch.zeros(FRAMES, 16, 8, 8)}, POSITIVE, steps=1, precision="fp32")
         with pytest.raises(ValueError, match="positive is empty"):
             ost.tune_clip(base, {"samples": CLIP}, [], steps=1, precision="fp32")
