@@ -141,8 +141,15 @@ def test_ui_workflow_loads_in_the_frontend(frontend, path):
     out = _phase(frontend, f"workflow:{path.name}")
     saved = json.loads(path.read_text())
     assert not out["dialogs"], f"dialogs after loading {path.name}: {out['dialogs']}"
-    unknown = [(n["id"], n["type"]) for n in out["nodes"] if not n["registered"] or n["has_errors"]]
+    unknown = [(n["id"], n["type"]) for n in out["nodes"] if not n["registered"] or n["placeholder"]]
     assert not unknown, f"node types the frontend does not know: {unknown}"
+    # has_errors: on older frontends only an unknown type; newer ones also flag, on load, a node whose
+    # model / input file the server lacks (this test server has neither the workflows' checkpoint nor
+    # their sample video). Any other error fails.
+    errors = [(n["id"], n["type"]) for n in out["nodes"] if n["has_errors"] and not n["missing_values"]]
+    assert not errors, f"nodes with errors after loading {path.name}: {errors}"
+    missing = [d for d in out.get("notices", []) if "missing node" in d["text"].lower()]
+    assert not missing, f"the frontend reports missing nodes in {path.name}: {missing}"
     assert sorted(n["id"] for n in out["nodes"]) == sorted(n["id"] for n in saved["nodes"])
     assert not out["problems"], "broken links:\n" + "\n".join(out["problems"])
     # the frontend drops links it cannot connect: all of the file's links must have survived
@@ -153,8 +160,9 @@ def test_missing_node_detection_works(frontend):
     """Control: the checks above do catch an unknown node type (so their silence means something)."""
     out = _phase(frontend, "missing_node_control")
     assert any(not n["registered"] for n in out["nodes"])
-    assert any(d["id"] == "global-missing-nodes" or "missing" in d["text"].lower() for d in out["dialogs"]), \
-        out["dialogs"]
+    shown = out["dialogs"] + out.get("notices", [])
+    assert any(d["id"] == "global-missing-nodes" or "missing" in d["text"].lower() for d in shown), shown
+    assert any(n["placeholder"] for n in out["nodes"]), "the unknown node is not a placeholder"
 
 
 def test_workflow_queued_from_the_ui_shows_its_video(frontend):

@@ -61,6 +61,11 @@ try {
   const dialogs = () => page.evaluate(() => [...document.querySelectorAll('.p-dialog')]
     .filter((d) => d.offsetParent !== null || d.getClientRects().length)
     .map((d) => ({ id: d.getAttribute('aria-labelledby'), text: d.innerText.slice(0, 500) })));
+  // error notices (frontend >= 1.4x: an overlay lists what is wrong with the loaded workflow, e.g. a
+  // missing node type, where older frontends opened a dialog)
+  const notices = () => page.evaluate(() => [...document.querySelectorAll('[data-testid="error-overlay"]')]
+    .filter((d) => d.getClientRects().length)
+    .map((d) => ({ id: d.getAttribute('data-testid'), text: d.innerText.slice(0, 500) })));
   const closeDialogs = async () => {
     for (let i = 0; i < 3 && (await dialogs()).length; i++) {
       await page.keyboard.press('Escape');
@@ -103,17 +108,27 @@ try {
   await closeDialogs();
 
   // --- every node of the pack in the Node Library sidebar, under its category, by display name ---
+  // Two designs: the PrimeVue tree (frontend <= 1.3x: nested li[role=treeitem][aria-label=NAME], a
+  // .search-box-input) and the redesigned library (Comfy.NodeLibrary.NewDesign, on by default in 1.4x:
+  // a flat, virtualised list of [role=treeitem] rows with aria-level, the name in the row's text, and a
+  // "Search..." combobox). Both are driven the way a user does: type in the search box, open folders.
   await phase('node_library', async () => {
     await page.click('button.node-library-tab-button', { timeout: 15000 });
-    const search = page.locator('.search-box-input').first();
+    const search = page.locator('.search-box-input, input[role="combobox"][placeholder^="Search"]').first();
     await search.waitFor({ timeout: 15000 });
-    const leaf = (name) => `li[role="treeitem"][aria-label=${JSON.stringify(name)}]`;
+    const design = (await page.locator('.search-box-input').count()) ? 'tree' : 'list';
+    const row = (name, level) => {
+      const lvl = level ? `[aria-level="${level}"]` : '';
+      return design === 'tree'
+        ? `li[role="treeitem"]${lvl}[aria-label=${JSON.stringify(name)}]`
+        : `[role="treeitem"]${lvl}:has(> span:text-is(${JSON.stringify(name)}))`;
+    };
     const found = {};
     for (const node of config.nodes) {
       await search.fill(node.display_name);
       let ok = true;
       try {
-        await page.locator(leaf(node.display_name)).first().waitFor({ state: 'visible', timeout: 5000 });
+        await page.locator(row(node.display_name)).first().waitFor({ state: 'visible', timeout: 5000 });
       } catch { ok = false; }
       found[node.type] = { search: ok };
     }
@@ -124,34 +139,74 @@ try {
       let scope = page;  // the sidebar's tree (other, hidden trees exist on the page)
       let ok = true;
       let level = 1;
+      let parentIndex = -1;
       for (const folder of node.category.split('/')) {
-        const item = scope.locator(`li[role="treeitem"][aria-level="${level++}"][aria-label=${JSON.stringify(folder)}]:visible`).first();
+        const item = scope.locator(`${row(folder, level++)}:visible`).first();
         try {
+          await item.scrollIntoViewIfNeeded({ timeout: 5000 });
           await item.waitFor({ state: 'visible', timeout: 5000 });
         } catch { ok = false; break; }
         if ((await item.getAttribute('aria-expanded')) !== 'true') {
-          await item.locator(':scope > .p-tree-node-content').click();
+          if (design === 'tree') await item.locator(':scope > .p-tree-node-content').click();
+          else await item.click();
         }
-        scope = item.locator(':scope > ul');
+        if (design === 'tree') scope = item.locator(':scope > ul');
+        else {
+          // the list's rows are siblings: stay in this folder's tree, after this folder's row
+          scope = item.locator('xpath=ancestor::*[@role="tree"][1]');
+          parentIndex = Number(await item.getAttribute('data-index'));
+          await item.evaluate((el) => el.scrollIntoView({ block: 'start' }));
+        }
       }
       if (ok) {
         try {
-          await scope.locator(`:scope > ${leaf(node.display_name)}`).waitFor({ state: 'visible', timeout: 5000 });
+          const leaf = design === 'tree'
+            ? scope.locator(`:scope > ${row(node.display_name)}`)
+            : scope.locator(`${row(node.display_name, level)}:not([aria-expanded])`);
+          await leaf.first().waitFor({ state: 'visible', timeout: 5000 });
+          if (design === 'list') {
+            // the row belongs to the folder just opened: no row of a lower level lies between them
+            const idx = Number(await leaf.first().getAttribute('data-index'));
+            const between = await scope.evaluate((tree, [from, to, lvl]) => [...tree.querySelectorAll('[role="treeitem"]')]
+              .filter((r) => +r.dataset.index > from && +r.dataset.index < to && +r.getAttribute('aria-level') < lvl).length,
+            [parentIndex, idx, level]);
+            if (!(idx > parentIndex) || between) ok = false;
+          }
         } catch { ok = false; }
       }
       found[node.type].tree = ok;
     }
     const top = config.nodes.length ? config.nodes[0].category.split('/')[0] : '';
-    const listed = await page.evaluate((top) => {
-      const folder = [...document.querySelectorAll('li[role="treeitem"][aria-level="1"]')]
-        .find((li) => li.getAttribute('aria-label') === top && li.getClientRects().length > 0);
-      return folder ? [...folder.querySelectorAll('li.p-tree-node-leaf')].map((li) => li.getAttribute('aria-label')) : null;
-    }, top);
+    if (design === 'list') {  // a virtualised list draws the rows in view: bring the folder to the top
+      const folder = page.locator(`${row(top, 1)}:visible`).first();
+      await folder.evaluate((el) => el.scrollIntoView({ block: 'start' })).catch(() => {});
+      await page.waitForTimeout(300);
+    }
+    const listed = await page.evaluate(([top, design]) => {
+      if (design === 'tree') {
+        const folder = [...document.querySelectorAll('li[role="treeitem"][aria-level="1"]')]
+          .find((li) => li.getAttribute('aria-label') === top && li.getClientRects().length > 0);
+        return folder ? [...folder.querySelectorAll('li.p-tree-node-leaf')].map((li) => li.getAttribute('aria-label')) : null;
+      }
+      const name = (r) => r.querySelector(':scope > span')?.textContent.trim();
+      for (const tree of document.querySelectorAll('[role="tree"]')) {
+        const rows = [...tree.querySelectorAll('[role="treeitem"]')].sort((a, b) => a.dataset.index - b.dataset.index);
+        const at = rows.findIndex((r) => r.getAttribute('aria-level') === '1' && name(r) === top && r.getClientRects().length > 0);
+        if (at < 0) continue;
+        const leaves = [];
+        for (const r of rows.slice(at + 1)) {
+          if (+r.getAttribute('aria-level') <= 1) break;
+          if (!r.hasAttribute('aria-expanded')) leaves.push(name(r));
+        }
+        return leaves;
+      }
+      return null;
+    }, [top, design]);
     await page.screenshot({ path: shotPath('01_node_library') });
     // close the sidebar again so that it does not cover the canvas
     await page.click('button.node-library-tab-button');
     await page.waitForTimeout(300);
-    return { found, listed };
+    return { found, listed, design };
   });
   mark('node_library');
 
@@ -160,8 +215,18 @@ try {
     const graph = window.app.graph;
     const registered = window.LiteGraph.registered_node_types;
     const problems = [];
+    // newer frontends keep ids as strings ('12'); the workflow files (and older frontends) use numbers
+    const nid = (v) => (typeof v === 'string' && /^-?\d+$/.test(v) ? Number(v) : v);
     const nodes = graph.nodes.map((n) => ({
-      id: n.id, type: n.type, registered: !!registered[n.type], has_errors: !!n.has_errors,
+      id: nid(n.id), type: n.type, registered: !!registered[n.type], has_errors: !!n.has_errors,
+      // built from the registered class (an unknown type gets a placeholder node instead)
+      placeholder: !(registered[n.type] && n instanceof registered[n.type]),
+      // combo values the server does not offer (a model or input file it lacks): newer frontends flag
+      // such nodes with has_errors as soon as the workflow loads
+      missing_values: (n.widgets || []).filter((w) => {
+        const values = typeof w.options?.values === 'function' ? w.options.values() : w.options?.values;
+        return w.type === 'combo' && Array.isArray(values) && !values.includes(w.value);
+      }).map((w) => [w.name, w.value]),
       widgets: (n.widgets || []).map((w) => [w.name, w.value]),
     }));
     const byId = new Map(graph.nodes.map((n) => [n.id, n]));
@@ -191,7 +256,7 @@ try {
         for (const id of out.links || []) if (!linkIds.has(id)) problems.push(`node ${n.id} output ${out.name}: dangling link ${id}`);
       }
     }
-    return { nodes, links: links.map((l) => [l.id, l.origin_id, l.origin_slot, l.target_id, l.target_slot, l.type]), problems };
+    return { nodes, links: links.map((l) => [nid(l.id), nid(l.origin_id), l.origin_slot, nid(l.target_id), l.target_slot, l.type]), problems };
   });
   const loadWorkflow = async (graph, name) => {
     await page.evaluate(async ([g, name]) => { await window.app.loadGraphData(g, true, true, name); }, [graph, name]);
@@ -203,11 +268,12 @@ try {
     result.workflows[wf.name] = await phase(`workflow:${wf.name}`, async () => {
       await loadWorkflow(wf.graph, wf.name);
       const seen = await dialogs();
+      const shown = await notices();
       const graph = await inspectGraph();
       await fitView();
       await page.screenshot({ path: shotPath(`02_workflow_${wf.name.replace(/\.json$/, '')}`) });
       await closeDialogs();
-      return { dialogs: seen, ...graph };
+      return { dialogs: seen, notices: shown, ...graph };
     });
   }
   mark('workflows');
@@ -218,12 +284,14 @@ try {
       const bad = structuredClone(config.workflows[0].graph);
       bad.nodes[0].type = 'TuneAVideoNoSuchNodeForTheTest';
       await loadWorkflow(bad, 'missing_node_control.json');
-      await page.locator('.p-dialog').first().waitFor({ state: 'visible', timeout: 5000 }).catch(() => {});
+      await page.waitForFunction(() => [...document.querySelectorAll('.p-dialog, [data-testid="error-overlay"]')]
+        .some((d) => d.getClientRects().length && /missing/i.test(d.innerText)), null, { timeout: 5000 }).catch(() => {});
       const seen = await dialogs();
+      const shown = await notices();
       const graph = await inspectGraph();
       await page.screenshot({ path: shotPath('03_missing_node_control') });
       await closeDialogs();
-      return { dialogs: seen, ...graph };
+      return { dialogs: seen, notices: shown, ...graph };
     });
   }
 
