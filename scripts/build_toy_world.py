@@ -81,6 +81,7 @@ def train_unet(unet, contexts, empty, toy_world, toy_vae, steps, batch, lr, seed
     torch.manual_seed(seed)
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     alphas = torch.cumprod(1 - betas, 0).float()  # SD1.5's DDPM schedule (scaled_linear)
+    unet.requires_grad_(True)  # newer ComfyUI ops create their Parameters with requires_grad=False
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
