@@ -66,7 +66,7 @@ def run_tuning(denoise, x0, model_sampling, params: dict, steps: int, learning_r
         value = float(loss.detach())
         if not math.isfinite(value):
             # a plain ValueError: ComfyUI shows an exception's module path, which would name the install folder
-            raise ValueError(_divergence_message(value, step, steps, step == 0 and not losses))
+            raise ValueError(_divergence_message(value, step, steps, first=step == 0))
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
