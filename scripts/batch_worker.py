@@ -154,6 +154,8 @@ class BatchWorker:
             else:
                 text = str(e) if isinstance(e, rw.WorkflowError) else f"{type(e).__name__}: {e}"
                 res.update(status="error", error=text)
+                if "did not finish within" in text:  # still running there: stop it before the next edit
+                    self.client.post("/interrupt", b"")
         res.setdefault("timings", {})["total_s"] = round(time.monotonic() - t0, 3)
         return res
 
