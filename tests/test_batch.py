@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 import batch_manifest
+import batch_worker
 import make_sample_clip
+import run_workflow
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 SMALL = ["--frames", "2", "--width", "64", "--height", "64", "--steps", "1", "--tune-steps", "1",
@@ -86,6 +88,28 @@ def test_manifest_errors_name_the_line_and_the_field(tmp_path, row, words):
     path = write_jsonl(tmp_path / "m.jsonl", [{"clip": "b.mp4", "source_prompt": "b", "edit_prompt": "y"}, row])
     with pytest.raises(batch_manifest.ManifestError, match=f"m.jsonl:2: .*{words}"):
         batch_manifest.read_manifest(path)
+
+
+def test_results_file_keeps_the_last_record_per_item_and_survives_a_torn_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    batch_manifest.append_result(path, {"key": "k1", "status": "error"})
+    with path.open("a") as f:
+        f.write('{"key": "k2", "sta')  # a run killed while writing
+    batch_manifest.append_result(path, {"key": "k1", "status": "ok"})
+    assert batch_manifest.read_results(path) == {"k1": {"key": "k1", "status": "ok"}}
+
+
+def test_reused_adapter_replaces_the_tuning_in_the_shipped_workflow():
+    api = json.loads((PACK_DIR / "workflows" / "tav_tune_and_edit_api.json").read_text())
+    out = batch_worker.with_adapter(api, "batch_adapters/a.safetensors")
+    (tune,) = run_workflow.nodes_of(api, "TuneAVideoTune")
+    assert out[tune]["class_type"] == "TuneAVideoLoadAdapter"
+    assert out[tune]["inputs"] == {"model": api[tune]["inputs"]["model"], "adapter_name": "batch_adapters/a.safetensors"}
+    assert not run_workflow.nodes_of(out, "TuneAVideoSaveAdapter") and run_workflow.nodes_of(api, "TuneAVideoSaveAdapter")
+    for nid in ("TuneAVideoInvert", "TuneAVideoSampler"):
+        assert out[run_workflow.nodes_of(out, nid)[0]]["inputs"]["model"] == [tune, 0]
+    with pytest.raises(run_workflow.WorkflowError, match="no TuneAVideoTune"):
+        batch_worker.with_adapter(out, "x.safetensors")
 
 
 # --- on 2 Ray workers with real ComfyUI servers ----------------------------------------------------
