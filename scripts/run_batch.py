@@ -217,31 +217,6 @@ class Batch:
                 self.ray.get(handle.stop.remote(), timeout=60)
 
 
-class _Bar:
-    """A progress bar with ETA (tqdm), or one line per item where tqdm is missing."""
-
-    def __init__(self, total):
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="edit", file=sys.stderr, smoothing=0)
-        except ImportError:
-            self.bar, self.n, self.total = None, 0, total
-
-    def update(self, n):
-        if self.bar is not None:
-            return self.bar.update(n)
-        self.n += n
-        _log(f"{self.n}/{self.total} edits")
-
-    def set_postfix(self, counts, refresh=False):
-        if self.bar is not None:
-            self.bar.set_postfix(counts, refresh=refresh)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _init_ray(args, n_workers):
     import ray
 
@@ -277,6 +252,13 @@ def main(argv=None) -> int:
     if not args.workflow.is_file():
         _log(f"error: --workflow {args.workflow}: no such file (see workflows/*_api.json)")
         return 1
+    if not args.server and not (args.checkpoint and Path(args.checkpoint).expanduser().is_file()):
+        _log(f"error: --checkpoint {args.checkpoint or '(none)'}: no such file; give the path of an SD checkpoint "
+             "(a bare name works only with --server, for servers that list it)")
+        return 1
+    if args.workers < 1 or args.retries < 0:
+        _log("error: --workers must be at least 1 and --retries at least 0")
+        return 1
     defaults = {k: getattr(args, k) for k in ARG_SETTINGS if getattr(args, k) is not None}
     for item in items:  # command-line settings fill what a row leaves out
         item["settings"] = {**{k: v for k, v in defaults.items() if k in bm.CLIP_SETTINGS}, **item["settings"]}
@@ -292,6 +274,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     n_workers = len(args.server) or args.workers
     import ray
+    from tqdm import tqdm  # ComfyUI's own requirement
 
     _init_ray(args, n_workers)
     batch = Batch(args, todo, done)
@@ -299,8 +282,11 @@ def main(argv=None) -> int:
     try:
         batch.start_workers(min(n_workers, len(todo)))
         start_s = time.monotonic() - t0
-        bar = _Bar(len(todo))
+        bar = tqdm(total=len(todo), unit="edit", file=sys.stderr, smoothing=0)  # with its ETA
         batch.run(bar)
+    except RuntimeError as e:  # no worker could start: nothing was run
+        _log(f"error: {e}")
+        return 1
     finally:
         if bar is not None:
             bar.close()
