@@ -178,8 +178,9 @@ class Batch:
             try:
                 res = self.ray.get(ref)
             except self.ray.exceptions.RayActorError as e:
-                res = {"status": "lost", "worker": index, "error": f"worker {index} died: {e}"}
-                self._worker_died(index, e)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                res = {"status": "lost", "worker": index, "error": f"worker {index} died: {first}"}
+                self._worker_died(index, first)
             if self.tuning.get(item["clip_id"]) == index:
                 self.tuning.pop(item["clip_id"])
             if res["status"] == "lost" and item["attempts"] <= self.args.retries:
