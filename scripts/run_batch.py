@@ -223,7 +223,8 @@ def _init_ray(args, n_workers):
 
     if args.address:
         return ray.init(address=args.address, log_to_driver=False)
-    return ray.init(num_cpus=max(1, n_workers) * args.cpus_per_worker, include_dashboard=False,
+    # "local": always a Ray of our own, even where this machine already runs a cluster (--address joins one)
+    return ray.init(address="local", num_cpus=max(1, n_workers) * args.cpus_per_worker, include_dashboard=False,
                     log_to_driver=False, object_store_memory=80 * 1024 ** 2, configure_logging=False)
 
 
