@@ -310,7 +310,8 @@ class ComfyServer:
 
     def start(self, timeout: float = 120) -> "ComfyServer":
         comfy_dir = find_comfyui()
-        cmd = [sys.executable, str(comfy_dir / "main.py"), "--cpu", "--listen", "127.0.0.1",
+        cpu = ["--cpu"] if os.environ.get("TAV_DEVICE", "cpu") == "cpu" else []  # as import_comfy
+        cmd = [sys.executable, str(comfy_dir / "main.py"), *cpu, "--listen", "127.0.0.1",
                "--port", str(self.port), "--base-directory", str(self.base_dir),
                "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
                "--disable-api-nodes", *self.extra_args]
