@@ -11,7 +11,8 @@ import comfy.utils
 import tavlib
 import tav_reference as ref
 
-ad = tavlib.pack_module("attention_patches.adapter")
+ad = tavlib.pack_module("sampling.adapters")
+adl = tavlib.pack_module("sampling.adapter_loading")
 ost = tavlib.pack_module("sampling.one_shot_tuning")
 vs = tavlib.pack_module("sampling.video_sampler")
 nodes = tavlib.pack_module("nodes.inversion_nodes")
@@ -42,7 +43,7 @@ def build(tmp_path, sdxl=False):
     path = tmp_path / "official_unet.safetensors"
     safetensors.torch.save_file(ref.official_state_dict(unet, temporal), str(path))
     with torch.inference_mode():
-        model = ad.apply_adapter(base, ad.load_adapter_file(path, base))
+        model = ad.apply_adapter(base, adl.load_adapter_file(path, base))
     return model, unet, temporal
 
 
