@@ -1,6 +1,6 @@
 """TuneAVideoInvert: DDIM inversion of a clip (sampling.ddim_inversion through sampling.video_sampler)."""
-from ..sampling.validation import MAX_STEPS
-from ..sampling.video_sampler import MAX_FIXED_POINT_ITERATIONS, SCHEDULES, invert_clip
+from ..sampling.validation import MAX_FIXED_POINT_ITERATIONS, MAX_STEPS
+from ..sampling.video_sampler import SCHEDULES, invert_clip
 
 
 class TuneAVideoInvert:
