@@ -154,6 +154,7 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def parse_adapter(tensors, metadata, name) -> TAVAdapter:
+    """This pack's adapter file (checked tensors and metadata) as a TAVAdapter; ValueError naming the file."""
     check_adapter(tensors, metadata, name)
     deltas, temporal = {}, {}
     for key, value in tensors.items():
@@ -171,6 +172,7 @@ def parse_adapter(tensors, metadata, name) -> TAVAdapter:
 
 
 def model_weight(model, key, name, shape) -> torch.Tensor:
+    """The checkpoint's own weight at `key` in fp32 on CPU; ValueError unless it exists with `shape`."""
     try:
         weight = base_weight(model, key)
     except AttributeError:
