@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ClipLayout:
-    chunks: int
+    clips: int   # clips in the batch: one per entry of cond_or_uncond
     frames: int
     positions: tuple[int, ...]  # each frame's index in the whole clip (context windows: a subset)
 
@@ -68,14 +68,14 @@ def _takes_total_frames() -> bool:
 def clip_layout(batch: int, transformer_options: dict) -> ClipLayout:
     """Derive the clip layout of one model call from its batch size and ComfyUI's transformer_options.
 
-    ComfyUI batches one chunk per entry of `cond_or_uncond` (cond and uncond together or apart);
-    each chunk is the whole clip, or one context window of it.
+    ComfyUI batches one clip per entry of `cond_or_uncond` (cond and uncond together or apart);
+    each is the whole clip, or one context window of it.
     """
-    chunks = len(transformer_options.get("cond_or_uncond") or [0])
-    if batch % chunks:
+    clips = len(transformer_options.get("cond_or_uncond") or [0])
+    if batch % clips:
         raise ValueError(
-            f"Tune-A-Video: a batch of {batch} latents does not split into {chunks} clips of equal "
+            f"Tune-A-Video: a batch of {batch} latents does not split into {clips} clips of equal "
             "length; give every clip the same number of frames.")
-    frames = batch // chunks
+    frames = batch // clips
     positions = window_positions(transformer_options, frames) or tuple(range(frames))
-    return ClipLayout(chunks, frames, positions)
+    return ClipLayout(clips, frames, positions)

@@ -67,14 +67,14 @@ class TemporalAttention(torch.nn.Module):
         return self.zero_output and not patched
 
     def forward(self, x, frames: int, transformer_options=None):
-        """x: (chunks * frames, tokens, channels) -> same shape, frames mixed at every token."""
+        """x: (clips * frames, tokens, channels) -> same shape, frames mixed at every token."""
         if not torch.is_grad_enabled() and self.is_identity():
             return x  # exact: x + 0; skipping saves an attention layer per block at inference
         bf, d, c = x.shape
-        chunks = bf // frames
-        h = x.view(chunks, frames, d, c).transpose(1, 2).reshape(chunks * d, frames, c)
+        clips = bf // frames
+        h = x.view(clips, frames, d, c).transpose(1, 2).reshape(clips * d, frames, c)
         h = h + self.attn_temp(self.norm_temp(h), transformer_options=transformer_options or {})
-        return h.view(chunks, d, frames, c).transpose(1, 2).reshape(bf, d, c)
+        return h.view(clips, d, frames, c).transpose(1, 2).reshape(bf, d, c)
 
 
 class TemporalAttentionSet(torch.nn.Module):

@@ -114,7 +114,7 @@ class TAVPatch:
 
     def attn1_replace(self, q, k, v, extra_options):
         layout = clip_layout(q.shape[0], extra_options)
-        return frame_attention(q, k, v, extra_options["n_heads"], layout.chunks, layout.positions,
+        return frame_attention(q, k, v, extra_options["n_heads"], layout.clips, layout.positions,
                                self.config.attention_mode, self.config.window_radius,
                                attn_precision=extra_options.get("attn_precision"),
                                transformer_options=extra_options)
@@ -130,7 +130,7 @@ class TAVPatch:
                     hook = functools.partial(_temporal_hook, self.temporal.block(path), layout.frames)
                     handles.append(unet.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
             if self.config.frame_shared_norm and layout.frames > 1:
-                hook = functools.partial(_norm_hook, layout.chunks)
+                hook = functools.partial(_norm_hook, layout.clips)
                 handles += [unet.get_submodule(p).register_forward_hook(hook) for p in self.norm_paths]
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         finally:
@@ -146,16 +146,16 @@ def _temporal_hook(module: TemporalAttention, frames: int, block, args, kwargs, 
     return module(output, frames, kwargs.get("transformer_options"))
 
 
-def _norm_hook(chunks: int, norm: torch.nn.GroupNorm, args, output):
+def _norm_hook(clips: int, norm: torch.nn.GroupNorm, args, output):
     x = args[0]
     if hasattr(norm, "weight_function"):  # a comfy op: weights may be patched, offloaded or cast
         weight, bias, stream = comfy.ops.cast_bias_weight(norm, x, offloadable=True)
-        y = clip_group_norm(x, chunks, norm.num_groups, weight, bias, norm.eps)
+        y = clip_group_norm(x, clips, norm.num_groups, weight, bias, norm.eps)
         comfy.ops.uncast_bias_weight(norm, weight, bias, stream)
         return y
     weight = None if norm.weight is None else norm.weight.to(x)
     bias = None if norm.bias is None else norm.bias.to(x)
-    return clip_group_norm(x, chunks, norm.num_groups, weight, bias, norm.eps)
+    return clip_group_norm(x, clips, norm.num_groups, weight, bias, norm.eps)
 
 
 def base_weight(model, key: str) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Thin ComfyUI node classes; the logic lives in attention_patches/ and sampling/."""
 from .apply_attention import TuneAVideoApplyAttention
-from .inversion_nodes import TuneAVideoInvert, TuneAVideoSampler
+from .inversion_nodes import TuneAVideoInvert
 from .long_clip_nodes import TuneAVideoLongClip
+from .sampler_nodes import TuneAVideoSampler
 from .tuning_nodes import TuneAVideoLoadAdapter, TuneAVideoSaveAdapter, TuneAVideoTune
 from .video_nodes import TuneAVideoLoadFrames, TuneAVideoSaveVideo
 

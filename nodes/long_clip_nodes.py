@@ -1,5 +1,6 @@
 """TuneAVideoLongClip: sample clips longer than fit at once, chunk by chunk with sparse-causal anchors."""
-from ..sampling.long_clip import MAX_CHUNK_FRAMES, MAX_OVERLAP, apply_long_clip
+from ..sampling.long_clip import apply_long_clip
+from ..sampling.validation import MAX_CHUNK_FRAMES, MAX_OVERLAP
 
 
 class TuneAVideoLongClip:

@@ -3,9 +3,10 @@ import os
 
 import folder_paths
 
-from ..attention_patches.adapter import STORAGE_DTYPES, adapter_of, apply_adapter, load_adapter_file, save_adapter
-from ..sampling.one_shot_tuning import DEFAULT_TRAINABLE, MAX_STEPS, PRECISIONS, TRAINABLE, tune_clip
-from ..sampling.validation import check_filename_prefix, check_save_folder, validation_message
+from ..sampling.adapter_loading import load_adapter_file
+from ..sampling.adapters import STORAGE_DTYPES, adapter_of, apply_adapter, save_adapter
+from ..sampling.one_shot_tuning import DEFAULT_TRAINABLE, PRECISIONS, TRAINABLE, tune_clip
+from ..sampling.validation import MAX_STEPS, check_filename_prefix, check_save_folder, validation_message
 
 ADAPTER_FOLDER = "tune_a_video"
 FOLDER_WORDS = "models/tune_a_video"

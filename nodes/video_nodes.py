@@ -1,6 +1,6 @@
-"""TuneAVideoLoadFrames / TuneAVideoSaveVideo: the clip in and out; the logic lives in video_io."""
+"""TuneAVideoLoadFrames / TuneAVideoSaveVideo: the clip in and out; the logic lives in sampling/video_*.py."""
+from ..sampling import video_decode, video_encode, video_inputs
 from ..sampling.validation import check_filename_prefix, validation_message
-from . import video_io
 
 
 class TuneAVideoLoadFrames:
@@ -21,7 +21,7 @@ class TuneAVideoLoadFrames:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "video": (video_io.list_input_videos(), {"video_upload": True, "tooltip":
+            "video": (video_inputs.list_input_videos(), {"video_upload": True, "tooltip":
                 "A video file or image folder in ComfyUI's input folder. Upload mp4/webm with the "
                 "button; put mov, gif, webp or a folder of numbered images there yourself."}),
             "frame_load_cap": ("INT", {"default": 24, "min": 1, "max": 4096, "tooltip":
@@ -45,15 +45,15 @@ class TuneAVideoLoadFrames:
              video_input=None):
         args = (frame_load_cap, skip_first_frames, select_every_nth, width, height)
         if video_input is not None:
-            clip = video_io.load_frames_from_video(video_input, *args)
+            clip = video_decode.load_frames_from_video(video_input, *args)
         else:
-            clip = video_io.load_frames(video_io.resolve_input_path(video), *args,
+            clip = video_decode.load_frames(video_inputs.resolve_input_path(video), *args,
                                         label=f"video '{video}'")
         return (clip.frames, clip.frames.shape[0], clip.fps)
 
     @classmethod
     def IS_CHANGED(cls, video, **_):
-        return video_io.input_signature(video)
+        return video_inputs.input_signature(video)
 
     @classmethod
     def VALIDATE_INPUTS(cls, video):
@@ -61,11 +61,11 @@ class TuneAVideoLoadFrames:
         # files in subfolders or annotated ones ("clip.mp4 [output]"); existence is checked at run
         # time, where a connected video_input may make the file unnecessary.
         if isinstance(video, str) and video.strip():
-            return validation_message(video_io.check_input_name, video)
+            return validation_message(video_inputs.check_input_name, video)
         return True
 
 
-VIDEO_OUTPUT = video_io.core_video_type()  # ComfyUI before the core VIDEO type: no output socket
+VIDEO_OUTPUT = video_encode.core_video_type()  # ComfyUI before the core VIDEO type: no output socket
 
 
 class TuneAVideoSaveVideo:
@@ -85,7 +85,7 @@ class TuneAVideoSaveVideo:
             "images": ("IMAGE", {"tooltip": "The frames of the clip, in order."}),
             "fps": ("FLOAT", {"default": 8.0, "min": 0.1, "max": 120.0, "step": 0.1, "tooltip":
                 "Playback rate. Connect Load Frames' fps to keep the source speed."}),
-            "format": (list(video_io.SAVE_FORMATS), {"default": "mp4", "tooltip":
+            "format": (list(video_encode.SAVE_FORMATS), {"default": "mp4", "tooltip":
                 "mp4: h264, small, plays everywhere (odd sizes lose a last row/column). gif: 256 "
                 "colours. webp: animated, good quality."}),
             "filename_prefix": ("STRING", {"default": "TuneAVideo/clip", "tooltip":
@@ -99,8 +99,8 @@ class TuneAVideoSaveVideo:
         metadata = None
         if not args.disable_metadata:
             metadata = {**(extra_pnginfo or {}), **({"prompt": prompt} if prompt is not None else {})}
-        ui = video_io.save_clip(images, fps, format, filename_prefix, metadata or None)
-        return {"ui": ui, "result": (video_io.as_video(images, fps),) if VIDEO_OUTPUT else ()}
+        ui = video_encode.save_clip(images, fps, format, filename_prefix, metadata or None)
+        return {"ui": ui, "result": (video_encode.as_video(images, fps),) if VIDEO_OUTPUT else ()}
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix=None):  # None: linked, checked when the node runs

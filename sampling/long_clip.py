@@ -42,11 +42,9 @@ import comfy.patcher_extension
 
 from ..attention_patches.layout import clip_total_frames, context_window, window_positions
 from ..attention_patches.unet_patch import get_tav_patch
-from .validation import check_count
+from .validation import MAX_CHUNK_FRAMES, MAX_OVERLAP, check_count
 
 WRAPPER_KEY = "tune_a_video_long_clip"
-MAX_CHUNK_FRAMES = 4096
-MAX_OVERLAP = 64
 
 
 class Chunk(NamedTuple):

@@ -1,7 +1,7 @@
 """One-shot tuning (Tune-A-Video): fit a patched model to one text-video pair; the node's entry point.
 
 The objective and loop are in tuning_objective.py, the training clone in training_clone.py. The result
-is an adapter (attention_patches/adapter.py) and the model built from it, so a saved and reloaded
+is an adapter (sampling/adapters.py) and the model built from it, so a saved and reloaded
 adapter gives exactly the tuned model. Tuning a model that already carries an adapter (tuned, or Load
 Adapter) continues from it, and the returned adapter holds both (query deltas summed).
 """
@@ -14,8 +14,8 @@ import torch
 import comfy.model_sampling
 import comfy.utils
 
-from ..attention_patches.adapter import adapter_of, apply_adapter, make_adapter
 from ..attention_patches.unet_patch import TAVConfig, apply_tav, get_tav_patch
+from .adapters import adapter_of, apply_adapter, make_adapter
 from .training_clone import TuningRun
 from .tuning_objective import NODE
 from .validation import MAX_STEPS, check_count, check_latent

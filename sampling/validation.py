@@ -18,6 +18,9 @@ from ..attention_patches.temporal_attention import TEMPORAL_INITS
 
 MAX_STEPS = 10000
 MAX_WINDOW_RADIUS = 64
+MAX_FIXED_POINT_ITERATIONS = 20  # DDIM inversion refinements per step
+MAX_CHUNK_FRAMES = 4096  # Long Clip
+MAX_OVERLAP = 64
 # VAE latents stay within about +-60 and inverted noise within a few sigma_max (~15); 1e4 is far
 # beyond both and far below where fp16/fp32 model math overflows into NaN.
 MAX_LATENT_MAGNITUDE = 1e4

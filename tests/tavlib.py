@@ -1,9 +1,11 @@
-"""Helpers for tests: the pack as a package, tiny UNets from ComfyUI's own classes, model calls."""
+"""Helpers for tests: the pack as a package, tiny UNets (built in scripts/random_models.py), model calls."""
 import importlib
 import uuid
 from pathlib import Path
 
 import torch
+
+from random_models import ADM_DIM, CONTEXT_DIM, tiny_model  # noqa: F401  (tavlib.tiny_model)
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfyui_tune_a_video"
@@ -17,52 +19,6 @@ def load_pack():
 def pack_module(name):
     load_pack()
     return importlib.import_module(f"{PACK_NAME}.{name}")
-
-
-CONTEXT_DIM = 32
-
-
-ADM_DIM = 16
-
-
-def tiny_model(seed=0, model_channels=32, heads=4, depth=1, sdxl=False):
-    """A tiny SD1.5-style UNet (ComfyUI's UNetModel/BaseModel/ModelPatcher), seeded fp32 weights.
-
-    sdxl=True: SDXL's layout instead (linear projections in the transformers, no attention at the
-    first level, two blocks per transformer, a pooled-vector `y` input).
-    """
-    import comfy.model_base
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    unet_config = {
-        "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": model_channels,
-        "channel_mult": [1, 2], "num_res_blocks": [1, 1], "transformer_depth": [depth, depth],
-        "transformer_depth_output": [depth] * 4, "transformer_depth_middle": depth,
-        "context_dim": CONTEXT_DIM, "use_linear_in_transformer": False, "adm_in_channels": None,
-        "use_temporal_attention": False, "use_spatial_transformer": True, "legacy": False,
-        "dtype": torch.float32,
-    }
-    if sdxl:
-        unet_config.update(use_linear_in_transformer=True, transformer_depth=[0, 2],
-                           transformer_depth_output=[0, 0, 2, 2], adm_in_channels=ADM_DIM,
-                           num_classes="sequential")
-    config = comfy.supported_models.SD15(unet_config)
-    config.unet_config["num_heads"] = heads
-    model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) * fan_in ** -0.5)
-            elif "norm" in name or "in_layers.0" in name or "out_layers.0" in name or name.startswith("out.0"):
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    dev = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
 
 
 def latents(frames, seed=1, size=8, clip_like=True):

@@ -12,7 +12,8 @@ import folder_paths
 
 import tavlib
 
-ad = tavlib.pack_module("attention_patches.adapter")
+ad = tavlib.pack_module("sampling.adapters")
+adl = tavlib.pack_module("sampling.adapter_loading")
 up = tavlib.pack_module("attention_patches.unet_patch")
 ost = tavlib.pack_module("sampling.one_shot_tuning")
 nodes = tavlib.pack_module("nodes.tuning_nodes")
@@ -111,7 +112,7 @@ def test_file_holds_trained_deltas_and_temporal_attention_in_fp32_with_metadata(
 
     half = ad.save_adapter(adapter, tmp_path / "half.safetensors", storage="fp16")
     assert {t.dtype for t in safetensors.torch.load_file(str(half)).values()} == {torch.float16}
-    reloaded = ad.load_adapter_file(half, fresh_base())
+    reloaded = adl.load_adapter_file(half, fresh_base())
     assert reloaded.metadata["storage_dtype"] == "fp16"
     assert {t.dtype for t in reloaded.tensors().values()} == {torch.float32}  # fp32 in memory
     assert all(torch.equal(reloaded.tensors()[k], v.half().float()) for k, v in adapter.tensors().items())
@@ -151,7 +152,7 @@ def test_family_mismatch_is_a_clear_error(tuned, tmp_path):
     other = ad.TAVAdapter(adapter.deltas, adapter.temporal, {**adapter.metadata, "model_family": "SDXL"})
     path = ad.save_adapter(other, tmp_path / "xl.safetensors")
     with pytest.raises(ValueError, match="tuned on a SDXL model but this model is SD15"):
-        ad.apply_adapter(fresh_base(), ad.load_adapter_file(path, fresh_base()), "xl.safetensors")
+        ad.apply_adapter(fresh_base(), adl.load_adapter_file(path, fresh_base()), "xl.safetensors")
 
 
 def test_shape_mismatch_is_a_clear_error(tuned):
@@ -174,7 +175,7 @@ def test_truncated_file_is_a_clear_error(tuned, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="not a readable safetensors file .* truncated"):
-        ad.load_adapter_file(path, fresh_base())
+        adl.load_adapter_file(path, fresh_base())
 
 
 def test_pickle_renamed_to_safetensors_is_refused_without_unpickling(tuned, tmp_path, monkeypatch):
@@ -182,11 +183,11 @@ def test_pickle_renamed_to_safetensors_is_refused_without_unpickling(tuned, tmp_
     torch.save({"diffusion_model.x.diff": torch.zeros(2)}, path)
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load must never be called"))
     with pytest.raises(ValueError, match="renamed pickle"):
-        ad.load_adapter_file(path, fresh_base())
+        adl.load_adapter_file(path, fresh_base())
     ckpt = tmp_path / "evil.ckpt"
     ckpt.write_bytes(path.read_bytes())
     with pytest.raises(ValueError, match="from .safetensors files only"):
-        ad.load_adapter_file(ckpt, fresh_base())
+        adl.load_adapter_file(ckpt, fresh_base())
 
 
 def official_unet(model, adapter, prefix=""):
@@ -229,14 +230,14 @@ def test_official_unet_of_another_family_is_a_clear_error(tuned, tmp_path):
     path = tmp_path / "official.safetensors"
     safetensors.torch.save_file(official, str(path))
     with pytest.raises(ValueError, match="another model family"):
-        ad.load_adapter_file(path, fresh_base(model_channels=64))
+        adl.load_adapter_file(path, fresh_base(model_channels=64))
 
 
 def test_a_file_with_no_tuned_weights_is_a_clear_error(tmp_path):
     path = tmp_path / "lora.safetensors"
     safetensors.torch.save_file({"lora_unet_x.lora_up.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(ValueError, match="neither a Tune-A-Video adapter"):
-        ad.load_adapter_file(path, fresh_base())
+        adl.load_adapter_file(path, fresh_base())
 
 
 # --- the real server ------------------------------------------------------------------------------

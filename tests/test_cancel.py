@@ -6,7 +6,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-import comfy_runtime
+import comfy_client
 from test_hostile_input import edit_workflow, hostile_inputs, put, txt2vid  # noqa: F401 (fixture)
 
 LONG_STEPS = 400
@@ -83,7 +83,7 @@ def test_interrupt_mid_run_then_the_next_prompt_works(server, random_checkpoint,
     assert time.time() - started < 60, "cancel must stop the run promptly, not after all steps"
     assert entry["status"]["status_str"] == "error"
     kinds = [m[0] for m in entry["status"]["messages"]]
-    assert "execution_interrupted" in kinds, comfy_runtime.execution_error(entry)
+    assert "execution_interrupted" in kinds, comfy_client.failure_message(entry)
     interrupted = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_interrupted"][0]
     assert interrupted["node_type"] == stage
 

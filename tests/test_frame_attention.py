@@ -66,7 +66,7 @@ def test_key_frames_follow_context_window_positions():
 
 def test_clip_layout_from_transformer_options():
     lay = layout_mod.clip_layout(10, {"cond_or_uncond": [0, 1]})
-    assert (lay.chunks, lay.frames, lay.positions) == (2, 5, (0, 1, 2, 3, 4))
+    assert (lay.clips, lay.frames, lay.positions) == (2, 5, (0, 1, 2, 3, 4))
     window = layout_mod.context_window([3, 4, 5, 6], total_frames=10)  # core's, on any ComfyUI version
     lay = layout_mod.clip_layout(4, {"cond_or_uncond": [1], "context_window": window})
     assert lay.positions == (3, 4, 5, 6)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import comfy_runtime
+import comfy_client
 import make_sample_clip
 
 
@@ -419,7 +419,7 @@ def test_hostile_inputs_get_clear_errors_and_the_base_stays_identical(server, ra
         else:
             entry = server.wait(body["prompt_id"], timeout=120)  # a hang (e.g. a named pipe) fails here
             outcome = entry["status"]["status_str"]
-            text = comfy_runtime.execution_error(entry) if outcome == "error" else ""
+            text = comfy_client.failure_message(entry) if outcome == "error" else ""
         if expected == "ok":
             if outcome != "success":
                 problems.append(f"{case_id}: expected success, got {outcome}: {text[:300]}")

@@ -9,6 +9,7 @@ import tavlib
 inv = tavlib.pack_module("sampling.ddim_inversion")
 vs = tavlib.pack_module("sampling.video_sampler")
 nodes = tavlib.pack_module("nodes.inversion_nodes")
+snodes = tavlib.pack_module("nodes.sampler_nodes")
 
 
 def rel(a, b):
@@ -130,7 +131,7 @@ def clip_latent(frames=4, size=8):
 def round_trip(model, cond, latent, steps, k, schedule="tune_a_video"):
     with torch.inference_mode():  # how ComfyUI's executor runs nodes
         (noise,) = nodes.TuneAVideoInvert().invert(model, latent, cond, steps, k, schedule)
-        (out,) = nodes.TuneAVideoSampler().sample(model, cond, cond, noise, 0, steps, 1.0, "ddim",
+        (out,) = snodes.TuneAVideoSampler().sample(model, cond, cond, noise, 0, steps, 1.0, "ddim",
                                                   "ddim_uniform", 1.0)
     return noise, out
 
@@ -183,7 +184,7 @@ def test_every_model_call_sees_the_whole_clip(tiny):
     assert batches == [5] * 3 * (2 + 1)
     batches.clear()
     with torch.inference_mode():
-        nodes.TuneAVideoSampler().sample(model, cond, cond, noise, 0, 3, 7.5, "ddim", "ddim_uniform", 1.0)
+        snodes.TuneAVideoSampler().sample(model, cond, cond, noise, 0, 3, 7.5, "ddim", "ddim_uniform", 1.0)
     assert batches and all(b in (5, 10) for b in batches)  # cond and uncond alone or batched together
 
 
@@ -191,7 +192,7 @@ def test_sampler_generates_from_an_empty_latent_batch(tiny):
     model, cond = tiny
     empty = {"samples": torch.zeros(3, 4, 8, 8)}
     with torch.inference_mode():
-        (out,) = nodes.TuneAVideoSampler().sample(model, cond, cond, empty, 1, 2, 5.0, "euler", "normal", 1.0)
+        (out,) = snodes.TuneAVideoSampler().sample(model, cond, cond, empty, 1, 2, 5.0, "euler", "normal", 1.0)
     assert out["samples"].shape == (3, 4, 8, 8) and torch.isfinite(out["samples"]).all()
     assert out["samples"].abs().sum() > 0
 
@@ -222,7 +223,7 @@ def test_steps_out_of_range(tiny, steps):
     with pytest.raises(ValueError, match="steps"):
         nodes.TuneAVideoInvert().invert(model, {"samples": tavlib.latents(2)}, cond, steps, 0)
     with pytest.raises(ValueError, match="steps"):
-        nodes.TuneAVideoSampler().sample(model, cond, cond, {"samples": torch.zeros(2, 4, 8, 8)}, 0, steps,
+        snodes.TuneAVideoSampler().sample(model, cond, cond, {"samples": torch.zeros(2, 4, 8, 8)}, 0, steps,
                                          7.5, "ddim", "ddim_uniform", 1.0)
 
 
@@ -239,7 +240,7 @@ def test_nan_latents(tiny):
     with pytest.raises(ValueError, match="latent.*NaN"):
         nodes.TuneAVideoInvert().invert(model, {"samples": bad}, cond, 5, 0)
     with pytest.raises(ValueError, match="latent.*NaN"):
-        nodes.TuneAVideoSampler().sample(model, cond, cond, {"samples": bad}, 0, 5, 7.5, "ddim", "ddim_uniform", 1.0)
+        snodes.TuneAVideoSampler().sample(model, cond, cond, {"samples": bad}, 0, 5, 7.5, "ddim", "ddim_uniform", 1.0)
 
 
 def test_missing_conditioning(tiny):
@@ -251,7 +252,7 @@ def test_missing_conditioning(tiny):
 def test_inverted_latents_need_the_inversion_steps(tiny):
     model, cond = tiny
     with pytest.raises(ValueError, match=r"steps \(5\).*Invert \(4\)"):
-        nodes.TuneAVideoSampler().sample(model, cond, cond, inverted_latent(steps=4), 0, 5, 7.5, "ddim",
+        snodes.TuneAVideoSampler().sample(model, cond, cond, inverted_latent(steps=4), 0, 5, 7.5, "ddim",
                                          "ddim_uniform", 1.0)
 
 
@@ -260,13 +261,13 @@ def test_inverted_latents_frame_count_mismatch(tiny):
     latent = inverted_latent(frames=3)
     latent["samples"] = latent["samples"][:2]  # e.g. Latent From Batch keeps the dict's extra keys
     with pytest.raises(ValueError, match="latent has 2 frames but was inverted with 3"):
-        nodes.TuneAVideoSampler().sample(model, cond, cond, latent, 0, 4, 7.5, "ddim", "ddim_uniform", 1.0)
+        snodes.TuneAVideoSampler().sample(model, cond, cond, latent, 0, 4, 7.5, "ddim", "ddim_uniform", 1.0)
 
 
 def test_inverted_latents_need_full_denoise(tiny):
     model, cond = tiny
     with pytest.raises(ValueError, match="denoise"):
-        nodes.TuneAVideoSampler().sample(model, cond, cond, inverted_latent(), 0, 4, 7.5, "ddim",
+        snodes.TuneAVideoSampler().sample(model, cond, cond, inverted_latent(), 0, 4, 7.5, "ddim",
                                          "ddim_uniform", 0.6)
 
 

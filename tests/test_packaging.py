@@ -1,4 +1,5 @@
-"""Honest requirements: what the nodes import is what requirements.txt and pyproject declare."""
+"""Packaging: honest requirements (what the nodes import is what requirements.txt and pyproject declare),
+short files and the floors of the layout."""
 import ast
 import re
 import sys
@@ -52,3 +53,27 @@ def test_pyproject_declares_the_same_and_never_torch():
     comfy = project["tool"]["comfy"]
     assert comfy["Icon"].startswith("https://") and comfy["requires-comfyui"].startswith(">=")
     assert (PACK / comfy["Icon"].rsplit("/", 1)[-1]).is_file()
+
+
+MAX_LINES = 300
+FLOORS = ("nodes", "sampling", "attention_patches")  # each may import only the floors after it
+
+
+def test_no_python_file_outside_tests_exceeds_300_lines():
+    """One concept per short file (the README's Architecture section); tests are exempt."""
+    files = [PACK / "__init__.py", *(p for d in (*FLOORS, "scripts") for p in (PACK / d).rglob("*.py"))]
+    long = {str(p.relative_to(PACK)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert len(files) > 20 and long == {}, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_floors_import_only_downwards():
+    """nodes -> sampling -> attention_patches: no floor imports a floor above it (so no cycles)."""
+    upward = []
+    for floor_index, floor in enumerate(FLOORS):
+        for path in (PACK / floor).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level >= 2 and node.module:
+                    target = node.module.split(".")[0]
+                    if target in FLOORS[:floor_index]:
+                        upward.append(f"{path.relative_to(PACK)} imports {target}")
+    assert upward == []

@@ -11,10 +11,12 @@ import comfy.utils
 import tavlib
 import tav_reference as ref
 
-ad = tavlib.pack_module("attention_patches.adapter")
+ad = tavlib.pack_module("sampling.adapters")
+adl = tavlib.pack_module("sampling.adapter_loading")
 ost = tavlib.pack_module("sampling.one_shot_tuning")
 vs = tavlib.pack_module("sampling.video_sampler")
 nodes = tavlib.pack_module("nodes.inversion_nodes")
+snodes = tavlib.pack_module("nodes.sampler_nodes")
 
 FRAMES = 4
 PROMPT, EMPTY = tavlib.context(100), tavlib.context(0)
@@ -42,7 +44,7 @@ def build(tmp_path, sdxl=False):
     path = tmp_path / "official_unet.safetensors"
     safetensors.torch.save_file(ref.official_state_dict(unet, temporal), str(path))
     with torch.inference_mode():
-        model = ad.apply_adapter(base, ad.load_adapter_file(path, base))
+        model = ad.apply_adapter(base, adl.load_adapter_file(path, base))
     return model, unet, temporal
 
 
@@ -117,7 +119,7 @@ def test_inversion_and_guided_sampling_match_the_official_pipeline(tmp_path, ste
     scheduler = ref.official_scheduler()
     with torch.inference_mode():
         (inverted,) = nodes.TuneAVideoInvert().invert(model, {"samples": CLIP}, [[EMPTY, {}]], steps, 0, "tune_a_video")
-        (out,) = nodes.TuneAVideoSampler().sample(model, [[PROMPT, {}]], [[EMPTY, {}]], inverted, 0, steps, 12.5,
+        (out,) = snodes.TuneAVideoSampler().sample(model, [[PROMPT, {}]], [[EMPTY, {}]], inverted, 0, steps, 12.5,
                                                   "ddim", "ddim_uniform", 1.0)
     empty, prompt = EMPTY.expand(FRAMES, -1, -1), PROMPT.expand(FRAMES, -1, -1)
     noise = ref.ddim_inversion(unet, scheduler, CLIP * ref.VAE_SCALE, empty, steps)

@@ -7,7 +7,8 @@ import comfy.model_management
 
 import tavlib
 
-ad = tavlib.pack_module("attention_patches.adapter")
+ad = tavlib.pack_module("sampling.adapters")
+adl = tavlib.pack_module("sampling.adapter_loading")
 up = tavlib.pack_module("attention_patches.unet_patch")
 ost = tavlib.pack_module("sampling.one_shot_tuning")
 
@@ -71,13 +72,13 @@ def test_official_import_reads_the_checkpoints_own_weights_while_a_patched_clone
     base = fresh_base()
     key = next(k for k in base.model.state_dict() if k.endswith("attn1.to_q.weight"))
     block = key[len("diffusion_model."):-len(".attn1.to_q.weight")]
-    to_diffusers = {c: d for d, c in ad.official_block_paths(base).items()}
+    to_diffusers = {c: d for d, c in adl.official_block_paths(base).items()}
     official = {f"{to_diffusers[block]}.attn1.to_q.weight": base.model.state_dict()[key].float() + 0.25}
     path = tmp_path / "official.safetensors"
     safetensors.torch.save_file(official, str(path))
-    clean = ad.load_adapter_file(path, base).deltas[key]
+    clean = adl.load_adapter_file(path, base).deltas[key]
     other_branch(base)
-    patched_meanwhile = ad.load_adapter_file(path, base).deltas[key]
+    patched_meanwhile = adl.load_adapter_file(path, base).deltas[key]
     assert torch.equal(patched_meanwhile, clean) and torch.allclose(clean, torch.full_like(clean, 0.25), atol=1e-6)
 
 
@@ -88,12 +89,12 @@ def test_retuning_continues_and_its_adapter_rebuilds_the_model(tmp_path):
     assert set(second.deltas) == set(first.deltas)
     assert any(not torch.equal(second.deltas[k], first.deltas[k]) for k in first.deltas)
     path = ad.save_adapter(second, tmp_path / "twice.safetensors")
-    rebuilt = ad.apply_adapter(fresh_base(), ad.load_adapter_file(path, fresh_base()))
+    rebuilt = ad.apply_adapter(fresh_base(), adl.load_adapter_file(path, fresh_base()))
     assert torch.allclose(out(rebuilt), out(twice), atol=1e-5)
     assert not torch.allclose(out(rebuilt), out(once), atol=1e-3)
 
     # Load Adapter -> Tune: continues from the loaded adapter too
-    loaded = ad.apply_adapter(fresh_base(), ad.load_adapter_file(path, fresh_base()))
+    loaded = ad.apply_adapter(fresh_base(), adl.load_adapter_file(path, fresh_base()))
     thrice, third, _ = tune(loaded, steps=2)
     rebuilt = ad.apply_adapter(fresh_base(), third)
     assert torch.allclose(out(rebuilt), out(thrice), atol=1e-5)

@@ -14,7 +14,8 @@ from PIL import Image
 
 import tavlib
 
-vio = tavlib.pack_module("nodes.video_io")
+dec = tavlib.pack_module("sampling.video_decode")
+enc = tavlib.pack_module("sampling.video_encode")
 vnodes = tavlib.pack_module("nodes.video_nodes")
 
 
@@ -99,7 +100,7 @@ def test_image_folder_natural_order_and_exact_centre_crop(dirs):
         Image.fromarray(a).save(folder / f"frame{i + 1}.png")  # frame2 must come before frame10
     (folder / "notes.txt").write_text("not an image")
     frames, count, fps = load_node("shots", cap=4, skip=1, nth=3, width=64, height=64)
-    assert count == 4 and fps == pytest.approx(vio.DEFAULT_FPS / 3)
+    assert count == 4 and fps == pytest.approx(dec.DEFAULT_FPS / 3)
     expected = torch.tensor([level(i) for i in (1, 4, 7, 10)], dtype=torch.float32) / 255
     # The 64x64 centre of 96x64 is exactly the gray band: no border pixel may survive.
     assert torch.equal(frames, expected[:, None, None, None].expand(4, 64, 64, 3))
@@ -110,17 +111,17 @@ def test_image_folder_natural_order_and_exact_centre_crop(dirs):
 def test_resize_covers_then_crops_without_stretching():
     a = np.zeros((100, 200, 3), np.uint8)
     a[:, 50:150] = 200  # centre square
-    out = vio.resize_center_crop(a, 48, 48)
+    out = dec.resize_center_crop(a, 48, 48)
     assert out.shape == (48, 48, 3)
     assert out[4:-4, 4:-4].min() >= 195  # only the centre square remains, scaled down
-    wide = vio.resize_center_crop(a, 64, 16)
+    wide = dec.resize_center_crop(a, 64, 16)
     assert wide.shape == (16, 64, 3) and wide[:, 0].max() < 10  # black borders kept: box 200x50
 
 
 def test_streaming_stops_at_last_needed_frame(dirs):
     write_ffmpeg(dirs[0] / "long.mp4", [np.full((64, 64, 3), i % 250, np.uint8) for i in range(300)],
                  fps=24)
-    clip = vio.load_frames(str(dirs[0] / "long.mp4"), frame_load_cap=3, skip_first_frames=5,
+    clip = dec.load_frames(str(dirs[0] / "long.mp4"), frame_load_cap=3, skip_first_frames=5,
                            select_every_nth=2, width=64, height=64)
     assert clip.frames.shape[0] == 3
     assert clip.frames_read == 5 + 2 * 2 + 1  # frames 0..9 read, not 300
@@ -198,11 +199,11 @@ def test_save_then_decode_back(dirs, fmt):
     ui = node.save(images, 10.0, fmt, "tav/clip", prompt={"1": {"class_type": "X"}})["ui"]
     entry, = ui["images"]
     assert entry["filename"] == f"clip_00001_.{fmt}" and entry["subfolder"] == "tav"
-    assert entry["type"] == "output" and entry["format"] == vio.SAVE_FORMATS[fmt][1]
+    assert entry["type"] == "output" and entry["format"] == enc.SAVE_FORMATS[fmt][1]
     assert entry["frame_count"] == 7 and entry["frame_rate"] == 10.0
     assert ("animated" in ui) == (fmt != "gif")  # the frontend plays gif only as an <img>
     path = dirs[1] / "tav" / entry["filename"]
-    clip = vio.load_frames(str(path), frame_load_cap=7, select_every_nth=1, width=64, height=48)
+    clip = dec.load_frames(str(path), frame_load_cap=7, select_every_nth=1, width=64, height=48)
     assert clip.frames.shape == (7, 48, 64, 3)
     assert [index_of(f) for f in clip.frames] == list(range(7))
     assert clip.source_fps == pytest.approx(10.0)
@@ -249,7 +250,7 @@ def test_node_surface_and_file_list(dirs):
     save_inputs = vnodes.TuneAVideoSaveVideo.INPUT_TYPES()["required"]
     assert list(save_inputs) == ["images", "fps", "format", "filename_prefix"]
     assert vnodes.TuneAVideoSaveVideo.OUTPUT_NODE is True
-    assert vnodes.TuneAVideoSaveVideo.RETURN_TYPES == (("VIDEO",) if vio.core_video_type() else ())
+    assert vnodes.TuneAVideoSaveVideo.RETURN_TYPES == (("VIDEO",) if enc.core_video_type() else ())
     for cls in (vnodes.TuneAVideoLoadFrames, vnodes.TuneAVideoSaveVideo):
         spec = cls.INPUT_TYPES()
         assert all("tooltip" in opts for group in ("required", "optional")

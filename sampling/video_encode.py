@@ -1,0 +1,127 @@
+"""Video encoding for Tune-A-Video: IMAGE frames to mp4/gif/webp, into ComfyUI's output folder.
+
+encode_clip is plain file/array work; save_clip and as_video use ComfyUI (folder_paths, comfy_api).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from .validation import check_filename_prefix, check_save_folder
+
+SAVE_FORMATS = {  # format -> (extension, MIME-like tag reported to the UI/API)
+    "mp4": ("mp4", "video/h264-mp4"),
+    "gif": ("gif", "image/gif"),
+    "webp": ("webp", "image/webp"),
+}
+MP4_CRF = 19  # visually near-lossless h264
+
+
+def to_uint8(frame: torch.Tensor) -> np.ndarray:
+    """One IMAGE frame [H, W, C] (float 0..1, C = 1, 3 or 4) -> uint8 RGB [H, W, 3]."""
+    frame = frame.detach().to("cpu", torch.float32)
+    if frame.shape[-1] == 1:
+        frame = frame.expand(*frame.shape[:-1], 3)
+    return (frame[..., :3] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _even_crop(frame: np.ndarray) -> np.ndarray:
+    # h264 in yuv420p (what browsers play) needs even sides: drop a last odd row/column.
+    h, w = frame.shape[:2]
+    return frame[: h - h % 2, : w - w % 2]
+
+
+def encode_clip(images: torch.Tensor, path, fmt: str, fps: float, metadata: dict | None = None):
+    """Write IMAGE frames [F, H, W, C] to path as mp4 (h264, yuv420p, crf 19), gif or webp.
+
+    Frames are converted one at a time. mp4 drops a last odd row/column (yuv420p needs even sides).
+    gif/webp store durations in whole milliseconds (gif: 10 ms steps), and their encoders may merge
+    identical (webp: near-identical) consecutive frames into one longer frame (same playback). metadata (mp4 only):
+    str -> JSON-able values written as container tags, as core SaveVideo does.
+    """
+    if fmt not in SAVE_FORMATS:
+        raise ValueError(f"format='{fmt}' is not one of {', '.join(SAVE_FORMATS)}.")
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty IMAGE batch [frames, height, width, channels], "
+                         f"got shape {tuple(images.shape)}.")
+    if not fps > 0:
+        raise ValueError(f"fps={fps} must be greater than 0: connect Load Frames' fps or type a rate such as 8.")
+    frames = (to_uint8(frame) for frame in images)
+    if fmt == "mp4":
+        height, width = images.shape[1] - images.shape[1] % 2, images.shape[2] - images.shape[2] % 2
+        if width < 2 or height < 2:
+            raise ValueError(f"images of {images.shape[2]}x{images.shape[1]} are too small for mp4.")
+        with av.open(str(path), mode="w", options={"movflags": "use_metadata_tags+faststart"}) as out:
+            for key, value in (metadata or {}).items():
+                out.metadata[key] = json.dumps(value)
+            stream = out.add_stream("libx264", rate=Fraction(round(fps * 1000), 1000))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": str(MP4_CRF)}
+            for frame in frames:
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(_even_crop(frame), format="rgb24")))
+            out.mux(stream.encode())
+        return
+    first = Image.fromarray(next(frames))
+    rest = (Image.fromarray(frame) for frame in frames)
+    options = {"quality": 90, "method": 4} if fmt == "webp" else {"optimize": False}
+    first.save(str(path), format=fmt.upper(), save_all=True, append_images=rest,
+               duration=max(1, round(1000 / fps)), loop=0, **options)
+
+
+def core_video_type() -> bool:
+    """Whether this ComfyUI has the core VIDEO type (comfy_api VideoFromComponents)."""
+    try:
+        from comfy_api.input_impl import VideoFromComponents  # noqa: F401
+        from comfy_api.util import VideoComponents  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def as_video(images: torch.Tensor, fps: float):
+    """IMAGE frames as a core VIDEO (in memory: the frames themselves, not a re-decoded file)."""
+    from comfy_api.input_impl import VideoFromComponents
+    from comfy_api.util import VideoComponents
+
+    return VideoFromComponents(VideoComponents(images=images, frame_rate=Fraction(round(fps * 1000), 1000)))
+
+
+def save_clip(images, fps, fmt, filename_prefix, metadata=None) -> dict:
+    """Encode into ComfyUI's output folder with the usual prefix/counter; return the UI result.
+
+    The result is what the node returns under "ui" (and what /history lists as its outputs):
+    {"images": [{"filename", "subfolder", "type": "output", "format", "frame_rate", "frame_count"}],
+     "animated": (True,)}. Frontend 1.32 shows "animated" results named *.webp/*.png as an animated
+    <img> and all others in a <video> element (core SaveVideo/SaveAnimatedWEBP do the same). A <video>
+    cannot play a gif, so gif results omit "animated" and are shown as an image.
+    """
+    import folder_paths
+
+    if fmt not in SAVE_FORMATS:
+        raise ValueError(f"format='{fmt}' is not one of {', '.join(SAVE_FORMATS)}.")
+    check_filename_prefix(filename_prefix)
+    output = folder_paths.get_output_directory()
+    check_save_folder(output, filename_prefix)
+    extension, tag = SAVE_FORMATS[fmt]
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        filename_prefix, output, images.shape[2], images.shape[1])
+    file = f"{filename}_{counter:05}_.{extension}"
+    try:
+        encode_clip(images, os.path.join(folder, file), fmt, fps, metadata)
+    except BaseException:  # an error or a cancel mid-encoding leaves no half-written video
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, file))
+        raise
+    entry = {"filename": file, "subfolder": subfolder, "type": "output", "format": tag,
+             "frame_rate": float(fps), "frame_count": int(images.shape[0])}
+    ui = {"images": [entry]}
+    if fmt != "gif":
+        ui["animated"] = (True,)
+    return ui
