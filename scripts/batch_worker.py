@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_runtime  # noqa: E402
-import run_workflow as rw  # noqa: E402
+import comfy_client as cc  # noqa: E402
+import workflow_substitute as ws  # noqa: E402
 
 SAVE_ADAPTER, LOAD_ADAPTER = "TuneAVideoSaveAdapter", "TuneAVideoLoadAdapter"
 LINKED_ADAPTERS = "batch_adapters"  # subfolder of the server's models/tune_a_video for reused adapters
@@ -34,17 +35,17 @@ def with_adapter(workflow: dict, adapter_name: str) -> dict:
     (MODEL at output 0, TAV_ADAPTER at 1), no Save Adapter (the adapter is already on disk)."""
     p = {nid: dict(node, inputs=dict(node["inputs"])) for nid, node in workflow.items()
          if node.get("class_type") != SAVE_ADAPTER}
-    tunes = rw.nodes_of(p, rw.TUNE)
+    tunes = ws.nodes_of(p, ws.TUNE)
     if not tunes:
-        raise rw.WorkflowError(f"the workflow has no {rw.TUNE} node, so there is no tuning to reuse")
+        raise cc.WorkflowError(f"the workflow has no {ws.TUNE} node, so there is no tuning to reuse")
     for nid in tunes:
         p[nid] = {"class_type": LOAD_ADAPTER, "_meta": {"title": "Load adapter (tuned earlier)"},
                   "inputs": {"model": p[nid]["inputs"]["model"], "adapter_name": adapter_name}}
     return p
 
 
-class NodeTimes(rw.Progress):
-    """run_workflow's progress, kept quiet, recording how long each node ran (from `executing` events)."""
+class NodeTimes(cc.Progress):
+    """comfy_client.Progress, kept quiet, recording how long each node ran (from `executing` events)."""
 
     def __init__(self, prompt: dict, stream):
         super().__init__(prompt, stream)
@@ -93,7 +94,7 @@ class BatchWorker:
             self.server = comfy_runtime.ComfyServer(self.base, checkpoints=ckpts, extra_args=list(extra_args))
             self.url = self.server.url
             self._start()
-        self.client = rw.Client(self.url)
+        self.client = cc.Client(self.url)
         self.folders = self.client.folders()
 
     def _start(self):
@@ -131,7 +132,7 @@ class BatchWorker:
             return None  # not reachable from here (another machine, no shared disk): tune again
         digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
         name = f"{LINKED_ADAPTERS}/{path.stem}-{digest}.safetensors"
-        dst = self.folders["base"] / "models" / rw.ADAPTER_FOLDER / name
+        dst = self.folders["base"] / "models" / cc.ADAPTER_FOLDER / name
         if not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.symlink_to(path.resolve())
@@ -152,7 +153,7 @@ class BatchWorker:
             if not self.alive():
                 res.update(status="lost", error=f"ComfyUI at {self.url} died or stopped answering: {e}")
             else:
-                text = str(e) if isinstance(e, rw.WorkflowError) else f"{type(e).__name__}: {e}"
+                text = str(e) if isinstance(e, cc.WorkflowError) else f"{type(e).__name__}: {e}"
                 res.update(status="error", error=text)
                 if "did not finish within" in text:  # still running there: stop it before the next edit
                     self.client.post("/interrupt", b"")
@@ -162,7 +163,7 @@ class BatchWorker:
     def _run(self, job: dict) -> dict:
         clip = Path(job["clip"])
         if not clip.is_file():
-            raise rw.WorkflowError(f"clip {clip}: no such file on {self.host} (item {job['id']}); "
+            raise cc.WorkflowError(f"clip {clip}: no such file on {self.host} (item {job['id']}); "
                                    "fix the manifest's clip path, or put the clip where every worker can read it")
         timings = {}
         t = time.monotonic()
@@ -177,22 +178,22 @@ class BatchWorker:
         if tuned:
             values.update({k: s.get(k) for k in TUNE_KEYS}, source_prompt=job["source_prompt"])
         prefix = f"batch/{job['clip_id']}"
-        prompt = rw.substitute(workflow, video=video, positive=e["prompt"], checkpoint=job.get("checkpoint"),
+        prompt = ws.substitute(workflow, video=video, positive=e["prompt"], checkpoint=job.get("checkpoint"),
                                filename_prefix=f"{prefix}/edit", **values)
-        for nid in rw.nodes_of(prompt, SAVE_ADAPTER):
+        for nid in ws.nodes_of(prompt, SAVE_ADAPTER):
             prompt[nid]["inputs"]["filename_prefix"] = f"{prefix}/adapter"
         progress = NodeTimes(prompt, self.log)
         print(f"--- {job['id']} ({'tune + edit' if tuned else 'edit with ' + adapter_name})", file=self.log)
-        entry = rw.run_prompt(self.client, prompt, timeout=job.get("timeout", 3600), progress=progress)
+        entry = cc.run_prompt(self.client, prompt, timeout=job.get("timeout", 3600), progress=progress)
         timings["nodes_s"] = progress.seconds()
-        files = rw.output_files(entry)
-        videos = [rw.locate(self.client, f, self.folders.get("output"), self.folders.get("base"))
+        files = cc.output_files(entry)
+        videos = [cc.locate(self.client, f, self.folders.get("output"), self.folders.get("base"))
                   for f in files if f["type"] == "output"]
         if not videos:
-            raise rw.WorkflowError("the workflow finished but saved no video")
-        saved = [f for f in files if f["type"] == rw.ADAPTER_FOLDER]
+            raise cc.WorkflowError("the workflow finished but saved no video")
+        saved = [f for f in files if f["type"] == cc.ADAPTER_FOLDER]
         if saved:
-            path = rw.locate(self.client, saved[0], None, self.folders.get("base"))
+            path = cc.locate(self.client, saved[0], None, self.folders.get("base"))
             adapter = {"path": path, "name": saved[0]["filename"], "url": self.url}
         else:
             adapter = job["adapter"]

@@ -2,15 +2,13 @@
 
     python scripts/run_batch.py clips.jsonl --workers 2 --checkpoint v1-5-pruned-emaonly.safetensors
     python scripts/run_batch.py clips.csv --address auto --gpus-per-worker 1 --workers 8
-    python scripts/run_batch.py clips.jsonl --server http://gpu1:8188 --server http://gpu2:8188
 
-Each edit runs the shipped tune-and-edit workflow (workflows/tav_tune_and_edit_api.json, or
---workflow): a clip is tuned once (its adapter saved), and its other edits load that adapter instead.
-Workers are Ray actors, each owning one ComfyUI server (started by the actor, or one of --server).
-Ray starts in this process unless --address joins a cluster. One JSON line per edit goes to the
-results file as soon as it ends; a rerun skips the items already there (--retry-errors redoes failed
-ones). A worker whose server dies hands its edit to another worker (--retries times at most).
-Manifest format: scripts/batch_manifest.py. Exit status 1 if any edit failed.
+Each edit runs the shipped tune-and-edit workflow (workflows/tav_tune_and_edit_api.json, or --workflow):
+a clip is tuned once (its adapter saved); its other edits load that adapter. Workers are Ray actors, each
+owning one ComfyUI server (started by the actor, or one of --server); Ray starts in this process unless
+--address joins a cluster. One JSON line per edit goes to the results file as it ends; a rerun skips items
+already there (--retry-errors redoes failed ones). A worker whose server dies hands its edit to another
+worker (--retries times at most). Manifest: scripts/batch_manifest.py. Exit status 1 if any edit failed.
 """
 from __future__ import annotations
 
@@ -290,8 +288,7 @@ def main(argv=None) -> int:
         _log(f"error: {e}")
         return 1
     finally:
-        if bar is not None:
-            bar.close()
+        bar is None or bar.close()
         batch.stop()
         ray.shutdown()
     records = [r for r in bm.read_results(args.results).values() if r["key"] in {it["key"] for it in todo}]

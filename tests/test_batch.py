@@ -13,7 +13,7 @@ import pytest
 import batch_manifest
 import batch_worker
 import make_sample_clip
-import run_workflow
+import workflow_substitute
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 SMALL = ["--frames", "2", "--width", "64", "--height", "64", "--steps", "1", "--tune-steps", "1",
@@ -102,13 +102,13 @@ def test_results_file_keeps_the_last_record_per_item_and_survives_a_torn_line(tm
 def test_reused_adapter_replaces_the_tuning_in_the_shipped_workflow():
     api = json.loads((PACK_DIR / "workflows" / "tav_tune_and_edit_api.json").read_text())
     out = batch_worker.with_adapter(api, "batch_adapters/a.safetensors")
-    (tune,) = run_workflow.nodes_of(api, "TuneAVideoTune")
+    (tune,) = workflow_substitute.nodes_of(api, "TuneAVideoTune")
     assert out[tune]["class_type"] == "TuneAVideoLoadAdapter"
     assert out[tune]["inputs"] == {"model": api[tune]["inputs"]["model"], "adapter_name": "batch_adapters/a.safetensors"}
-    assert not run_workflow.nodes_of(out, "TuneAVideoSaveAdapter") and run_workflow.nodes_of(api, "TuneAVideoSaveAdapter")
+    assert not workflow_substitute.nodes_of(out, "TuneAVideoSaveAdapter") and workflow_substitute.nodes_of(api, "TuneAVideoSaveAdapter")
     for nid in ("TuneAVideoInvert", "TuneAVideoSampler"):
-        assert out[run_workflow.nodes_of(out, nid)[0]]["inputs"]["model"] == [tune, 0]
-    with pytest.raises(run_workflow.WorkflowError, match="no TuneAVideoTune"):
+        assert out[workflow_substitute.nodes_of(out, nid)[0]]["inputs"]["model"] == [tune, 0]
+    with pytest.raises(workflow_substitute.WorkflowError, match="no TuneAVideoTune"):
         batch_worker.with_adapter(out, "x.safetensors")
 
 
