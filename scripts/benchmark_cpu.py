@@ -13,7 +13,8 @@ weights (the reduced SD1.5 UNet by default, 47 M parameters; --full for SD1.5's 
   official ckpt on / off                 the same step on the reference (same trainables, diffusers'
                                          gradient checkpointing)
 Then the attention micro-benchmarks per mode (benchmark_attention.micro). Peak = the process's peak
-RSS above the loaded model. Numbers are measurements, not assertions.
+RSS above the loaded model. Times are the child's CPU seconds (process_time; one thread by default), which
+stay comparable on a loaded machine where wall time does not. Numbers are measurements, not assertions.
 
     .venv/bin/python scripts/benchmark_cpu.py                  # F = 8, 32x32 latents, 1 thread
     .venv/bin/python scripts/benchmark_cpu.py --frames 4 --size 16 --threads 2
@@ -75,15 +76,17 @@ def _timed(fn, repeats):
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.process_time()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(time.process_time() - t)
     return min(times)
 
 
 def run_case(case: str, args) -> dict:
     """In a child process: build, load, then time `case`; seconds (best of repeats) and peak MiB."""
     comfy_runtime.import_comfy()
+    import comfy.cli_args
+    comfy.cli_args.args.use_pytorch_cross_attention = args.attention == "sdpa"  # read at ComfyUI's import
     import torch
     torch.set_num_threads(args.threads)
     import comfy.model_management
@@ -147,7 +150,7 @@ def run_case(case: str, args) -> dict:
         with torch.inference_mode():
             ost.tune_clip(model, {"samples": x0}, [[ctx, {}]], steps=args.repeats + 2, learning_rate=3e-5,
                           precision="fp32", gradient_checkpointing=case == "tune_ckpt",
-                          callback=lambda *_: stamps.append(time.perf_counter()))
+                          callback=lambda *_: stamps.append(time.process_time()))
         return {"s": min(b - a for a, b in zip(stamps, stamps[1:])), "peak": peak_rss() - base}
 
     model.pre_run()
@@ -177,7 +180,8 @@ def run_children(args) -> dict:
     results = {}
     for case in args.cases:
         cmd = [sys.executable, __file__, "--child", case, "--frames", str(args.frames), "--size", str(args.size),
-               "--repeats", str(args.repeats), "--threads", str(args.threads)] + ["--full"] * args.full
+               "--repeats", str(args.repeats), "--threads", str(args.threads), "--attention", args.attention]
+        cmd += ["--full"] * args.full
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"# {case} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
@@ -192,8 +196,8 @@ def table(results: dict, args) -> list[str]:
         return results[a][key] / results[b][key] if a in results and b in results else float("nan")
     arch = "SD1.5 UNet (860M)" if args.full else "reduced SD1.5 UNet (47M)"
     lines = [f"# {arch}, random weights, F={args.frames}, {args.size}x{args.size} latents, fp32, CPU, "
-             f"{args.threads} thread(s), best of {args.repeats}",
-             f"{'case':20s} {'seconds':>8s} {'peak MiB':>9s}"]
+             f"{args.threads} thread(s), best of {args.repeats}, attention {args.attention}",
+             f"{'case':20s} {'CPU s':>8s} {'peak MiB':>9s}"]
     for case in args.cases:
         if case in results:
             r = results[case]
@@ -219,6 +223,9 @@ def main(argv=None):
     ap.add_argument("--full", action="store_true", help="full SD1.5 UNet instead of the reduced one")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats per case (best is reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per child")
+    ap.add_argument("--attention", choices=["sdpa", "comfy"], default="sdpa",
+                    help="ComfyUI's attention: sdpa (--use-pytorch-cross-attention, as on a GPU and as the "
+                         "official code) or comfy (ComfyUI's CPU default, sub-quadratic)")
     ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     ap.add_argument("--micro", choices=["on", "off"], default="on", help="attention micro-benchmarks per mode")
     ap.add_argument("--json", help="also write the results to this file")
@@ -230,6 +237,9 @@ def main(argv=None):
     results = run_children(args)
     print("\n".join(table(results, args)), flush=True)
     if args.micro == "on":
+        comfy_runtime.import_comfy()
+        import comfy.cli_args
+        comfy.cli_args.args.use_pytorch_cross_attention = args.attention == "sdpa"
         from benchmark_attention import micro, micro_table
         rows = micro(args.frames, args.size * args.size, 320, 8, args.repeats, args.threads)
         results["micro"] = rows
