@@ -129,11 +129,8 @@ def bench_attention(pack, args, meter) -> list[dict]:
     import comfy.ldm.modules.attention as comfy_attention
     fa = importlib.import_module(pack.__name__ + ".attention_patches.frame_attention")
     backends = {"sdpa": comfy_attention.attention_pytorch}
-    try:
-        import xformers.ops  # noqa: F401
+    if getattr(comfy_attention, "xformers", None) is not None:  # installed and enabled in ComfyUI
         backends["xformers"] = comfy_attention.attention_xformers
-    except ImportError:
-        pass
     device = "cuda" if meter.cuda else "cpu"
     dtype = torch.float16 if meter.cuda else torch.float32
     short = "fp16" if meter.cuda else "fp32"
