@@ -59,11 +59,14 @@ def _attention_ops() -> frozenset:
 
 
 def _keep_attention(ctx, op, *args, **kwargs):
-    """Selective checkpointing policy: keep fused attention outputs (small: tokens x channels, plus the
-    softmax statistics), recompute everything else. Attention is a third or more of a transformer
-    block's FLOPs at SD resolutions, so the backward's recomputation skips it for little memory."""
+    """Selective checkpointing policy: keep the outputs of fused attention over at least as many keys as
+    queries (frame attention: tokens x channels, plus the softmax statistics), recompute everything else.
+    That attention is a third or more of a transformer block's FLOPs at SD resolutions; cross-attention
+    (77 keys) and temporal attention (F keys) are cheap to recompute and are not kept."""
     policy = torch.utils.checkpoint.CheckpointPolicy
-    return policy.MUST_SAVE if op in _ATTENTION_OPS else policy.PREFER_RECOMPUTE
+    if op in _ATTENTION_OPS and args[1].shape[-2] >= args[0].shape[-2]:  # (batch, heads, tokens, dim)
+        return policy.MUST_SAVE
+    return policy.PREFER_RECOMPUTE
 
 
 _ATTENTION_OPS = _attention_ops()
