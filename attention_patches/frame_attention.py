@@ -43,20 +43,62 @@ def key_frames(positions: tuple[int, ...], mode: str, radius: int = 1) -> list[l
 
 
 @lru_cache(maxsize=256)
-def _groups(positions: tuple[int, ...], mode: str, radius: int):
-    """Frames grouped by how many key frames they use, so each group is one batched attention."""
+def _groups(positions: tuple[int, ...], mode: str, radius: int) -> tuple:
+    """Frames grouped by how many key frames they use, so each group is one batched attention:
+    ((query frames), (key frames of each query frame)) per group. Plain ints: the cache holds no tensors."""
     keys = key_frames(positions, mode, radius)
     groups: dict[int, list[int]] = {}
     for i, k in enumerate(keys):
         groups.setdefault(len(k), []).append(i)
-    out = []
-    # Cached across calls: never inference tensors, or a later training step could not use them.
-    with torch.inference_mode(False):
-        for frames in groups.values():
-            idx = [keys[i] for i in frames]
-            shared = all(row == idx[0] for row in idx)  # e.g. full, first_frame: one key set per clip
-            out.append((torch.tensor(frames), torch.tensor(idx), shared))
-    return tuple(out)
+    return tuple((tuple(frames), tuple(tuple(keys[i]) for i in frames)) for frames in groups.values())
+
+
+@lru_cache(maxsize=1024)
+def _runs(index: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    """`index` cut into runs that a view takes without a gather: (start in index, first frame, step 0 or 1)."""
+    runs: list[list[int]] = []
+    for pos, frame in enumerate(index):
+        if runs:
+            start, first, step = runs[-1]
+            length = pos - start
+            if step in (None, frame - index[pos - 1]) and frame - index[pos - 1] in (0, 1) \
+                    and frame == first + length * (frame - index[pos - 1]):
+                runs[-1][2] = frame - index[pos - 1]
+                continue
+        runs.append([pos, frame, None])
+    return tuple((start, first, step or 0) for start, first, step in runs)
+
+
+def _take(x, index: tuple[int, ...], out=None):
+    """x[:, index] (x: chunks, frames, tokens, channels) from slices and broadcasts, never an index
+    gather: a view where one run covers `index`, else copied run by run into `out` (or a new tensor).
+    Autograd sends gradients back through the slices (no scatter-add)."""
+    runs = _runs(index)
+    ends = [r[0] for r in runs[1:]] + [len(index)]
+
+    def run_view(first, step, length):
+        if step == 1 or length == 1:
+            return x[:, first:first + length]
+        return x[:, first:first + 1].expand(-1, length, -1, -1)
+
+    if out is None and len(runs) == 1:
+        return run_view(runs[0][1], runs[0][2], len(index))
+    if out is None:
+        out = x.new_empty(x.shape[0], len(index), *x.shape[2:])
+    for (start, first, step), end in zip(runs, ends):
+        out[:, start:end] = run_view(first, step, end - start)
+    return out
+
+
+def _keys(x, key_rows: tuple[tuple[int, ...], ...]):
+    """(chunks, frames of the group, key frames * tokens, channels): each query frame's keys, materialised
+    once (as the attention function needs them) straight from slices of x."""
+    chunks, _, n, c = x.shape
+    g, m = len(key_rows), len(key_rows[0])
+    out = x.new_empty(chunks, g, m, n, c)
+    for j in range(m):
+        _take(x, tuple(row[j] for row in key_rows), out[:, :, j])
+    return out.view(chunks, g, m * n, c)
 
 
 @lru_cache(maxsize=16)
@@ -91,19 +133,23 @@ def frame_attention(q, k, v, heads: int, chunks: int, positions: tuple[int, ...]
     kc = k.view(chunks, frames, nk, k.shape[-1])
     vc = v.view(chunks, frames, nk, v.shape[-1])
     out = None
-    for frame_idx, key_idx, shared in _groups(positions, mode, radius):
-        frame_idx, key_idx = frame_idx.to(q.device), key_idx.to(q.device)
-        g, m = key_idx.shape
-        if shared:  # every frame of the group sees the same keys: one attention per clip
-            qq = qc[:, frame_idx].reshape(chunks, g * n, -1)
-            kk = kc[:, key_idx[0]].reshape(chunks, m * nk, -1)
-            vv = vc[:, key_idx[0]].reshape(chunks, m * nk, -1)
+    for group, key_rows in _groups(positions, mode, radius):
+        g, m = len(group), len(key_rows[0])
+        whole = group == tuple(range(frames))  # the usual case (sparse_causal, full, ...): no query gather
+        qg = qc if whole else _take(qc, group)
+        if all(row == key_rows[0] for row in key_rows):  # e.g. full, first_frame: one key set per clip
+            qq = qg.reshape(chunks, g * n, -1)
+            kk = _take(kc, key_rows[0]).reshape(chunks, m * nk, -1)
+            vv = _take(vc, key_rows[0]).reshape(chunks, m * nk, -1)
         else:
-            qq = qc[:, frame_idx].reshape(chunks * g, n, -1)
-            kk = kc[:, key_idx].reshape(chunks * g, m * nk, -1)
-            vv = vc[:, key_idx].reshape(chunks * g, m * nk, -1)
+            qq = qg.reshape(chunks * g, n, -1)
+            kk = _keys(kc, key_rows).view(chunks * g, m * nk, -1)
+            vv = _keys(vc, key_rows).view(chunks * g, m * nk, -1)
         o = attention(qq, kk, vv, heads, **attention_kwargs)
+        if whole:
+            return o.reshape(chunks * frames, n, -1)
         if out is None:
             out = o.new_empty(chunks, frames, n, o.shape[-1])
-        out[:, frame_idx] = o.view(chunks, g, n, -1)
+        for (start, first, _), end in zip(_runs(group), [r[0] for r in _runs(group)[1:]] + [g]):
+            out[:, first:first + end - start] = o.view(chunks, g, n, -1)[:, start:end]
     return out.view(chunks * frames, n, -1)

@@ -51,11 +51,35 @@ def frozen(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach()
 
 
+def _attention_ops() -> frozenset:
+    """torch's fused attention kernels (what SDPA dispatches to), where this torch has them."""
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    return frozenset(getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n))
+
+
+def _keep_attention(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy: keep the outputs of fused attention over at least as many keys as
+    queries (frame attention: tokens x channels, plus the softmax statistics), recompute everything else.
+    That attention is a third or more of a transformer block's FLOPs at SD resolutions; cross-attention
+    (77 keys) and temporal attention (F keys) are cheap to recompute and are not kept."""
+    policy = torch.utils.checkpoint.CheckpointPolicy
+    if op in _ATTENTION_OPS and args[1].shape[-2] >= args[0].shape[-2]:  # (batch, heads, tokens, dim)
+        return policy.MUST_SAVE
+    return policy.PREFER_RECOMPUTE
+
+
+_ATTENTION_OPS = _attention_ops()
+_SELECTIVE = getattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts", None)
+
+
 def _checkpointed(forward, *args, **kwargs):
     # The UNet mutates transformer_options ("block", "block_index", ...) between this forward and
     # the backward's recomputation: recompute with the values of this call.
     args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
     kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+    if _SELECTIVE is not None:
+        kwargs["context_fn"] = functools.partial(_SELECTIVE, _keep_attention)
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 

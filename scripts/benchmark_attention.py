@@ -106,6 +106,60 @@ def comfy_attention_name() -> str:
     return a.optimized_attention.__name__
 
 
+def micro(frames: int, tokens: int, channels: int, heads: int, repeats: int, threads: int | None = None,
+          modes=("sparse_causal", "first_frame", "causal", "window", "full")) -> list[dict]:
+    """Attention alone, in this process: frame_attention per mode vs per-frame self-attention (the
+    unpatched model's attn1), ComfyUI's optimized_attention, q/k/v of (frames, tokens, channels).
+    Best-of-repeats milliseconds of a forward (no grad) and of forward + backward."""
+    comfy_runtime.import_comfy()
+    import torch
+    import comfy.ldm.modules.attention as comfy_attention
+
+    if threads:
+        torch.set_num_threads(threads)
+    import importlib
+    fa = importlib.import_module(comfy_runtime.load_pack().__name__ + ".attention_patches.frame_attention")
+    g = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(frames, tokens, channels, generator=g) for _ in range(3)]
+    positions = tuple(range(frames))
+
+    def call(mode, q, k, v):
+        if mode == "per_frame":
+            return comfy_attention.optimized_attention(q, k, v, heads)
+        return fa.frame_attention(q, k, v, heads, 1, positions, mode)
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.process_time()  # CPU time: comparable on a loaded machine
+            fn()
+            times.append(time.process_time() - t)
+        return 1000 * min(times)
+
+    rows = []
+    for mode in ("per_frame",) + tuple(modes):
+        def forward():
+            with torch.no_grad():
+                call(mode, *qkv)
+
+        def backward():
+            leaves = [t.clone().requires_grad_(True) for t in qkv]
+            call(mode, *leaves).sum().backward()
+        rows.append({"mode": mode, "fwd_ms": best(forward), "fwdbwd_ms": best(backward)})
+    return rows
+
+
+def micro_table(rows: list[dict], frames: int, tokens: int) -> list[str]:
+    base = rows[0]
+    lines = [f"# attention alone, F={frames}, {tokens} tokens/frame: ms, and / per-frame self-attention",
+             f"{'mode':14s} {'fwd ms':>8s} {'x':>5s} {'fwd+bwd ms':>10s} {'x':>5s}"]
+    for r in rows:
+        lines.append(f"{r['mode']:14s} {r['fwd_ms']:8.1f} {r['fwd_ms'] / base['fwd_ms']:5.2f} "
+                     f"{r['fwdbwd_ms']:10.1f} {r['fwdbwd_ms'] / base['fwdbwd_ms']:5.2f}")
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32])

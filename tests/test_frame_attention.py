@@ -185,3 +185,29 @@ def test_transformer_options_reach_attention_functions_that_take_them():
     fa.frame_attention(q, k, v, 2, 1, (0, 1, 2), "sparse_causal", attention=takes_them, transformer_options=options)
     fa.frame_attention(q, k, v, 2, 1, (0, 1, 2), "sparse_causal", attention=does_not, transformer_options=options)
     assert got and all(o is options for o in got)
+
+
+@pytest.mark.parametrize("index", [(0,), (0, 0, 0), (0, 0, 1, 2), (2, 3, 5, 5, 5, 1), (4, 3, 2), (1, 2, 3)])
+def test_key_frames_are_taken_without_a_gather_exactly_as_an_index(index):
+    x = torch.randn(2, 6, 3, 4, requires_grad=True)
+    got = fa._take(x, index)
+    want = x[:, list(index)]
+    assert torch.equal(got, want)
+    weights = torch.randn(want.shape)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), x)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), x)
+    assert torch.allclose(grad_got, grad_want, atol=1e-6)
+
+
+def test_cached_frame_groups_hold_no_tensors():
+    """Global caches keep plain ints only: no tensor (inference or not, any device) outlives a call."""
+    def leaves(value):
+        if isinstance(value, tuple):
+            for v in value:
+                yield from leaves(v)
+        else:
+            yield value
+    for mode in fa.MODES:
+        fa.frame_attention(*(torch.randn(5, 4, 8) for _ in range(3)), 2, 1, (0, 2, 3, 4, 7), mode, radius=1)
+        groups = fa._groups((0, 2, 3, 4, 7), mode, 1)
+        assert groups and all(type(v) is int for v in leaves(groups)), mode

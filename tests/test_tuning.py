@@ -16,6 +16,7 @@ ost = tavlib.pack_module("sampling.one_shot_tuning")
 obj = tavlib.pack_module("sampling.tuning_objective")
 up = tavlib.pack_module("attention_patches.unet_patch")
 nodes = tavlib.pack_module("nodes.tuning_nodes")
+tc = tavlib.pack_module("sampling.training_clone")
 
 FRAMES = 4
 PROMPT = tavlib.context(100)
@@ -150,10 +151,17 @@ def test_only_declared_trainables_change(base, trainable):
     assert_no_leftovers(base)
 
 
-def test_every_trainable_tensor_gets_a_gradient_with_and_without_checkpointing(base, monkeypatch):
-    calls = []
+@pytest.mark.parametrize("attention", ["comfy_default", "sdpa"])
+def test_every_trainable_tensor_gets_a_gradient_with_and_without_checkpointing(base, monkeypatch, attention):
+    """sdpa (ComfyUI's choice on GPUs): checkpointing keeps the fused attention outputs, recomputes the rest."""
+    calls, kept = [], []
     checkpoint = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(k) or checkpoint(*a, **k))
+    if attention == "sdpa":
+        import comfy.ldm.modules.attention as comfy_attention
+        monkeypatch.setattr(comfy_attention, "optimized_attention", comfy_attention.attention_pytorch)
+        keep = tc._keep_attention
+        monkeypatch.setattr(tc, "_keep_attention", lambda *a, **k: kept.append(keep(*a, **k)) or kept[-1])
     grads = {}
     for checkpointing in (False, True):
         calls.clear()
@@ -171,6 +179,9 @@ def test_every_trainable_tensor_gets_a_gradient_with_and_without_checkpointing(b
     assert any(k.startswith("diffusion_model.input_blocks") for k in grads[True])  # the down blocks too
     for k in grads[False]:
         assert torch.allclose(grads[True][k], grads[False][k], rtol=1e-4, atol=1e-7), k
+    if attention == "sdpa" and tc._SELECTIVE is not None:
+        must_save = torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
+        assert must_save in kept and any(p != must_save for p in kept)
 
 
 def test_same_seed_same_result(base):
