@@ -70,7 +70,7 @@ def _runs(index: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
 
 
 def _take(x, index: tuple[int, ...], out=None):
-    """x[:, index] (x: chunks, frames, tokens, channels) from slices and broadcasts, never an index
+    """x[:, index] (x: clips, frames, tokens, channels) from slices and broadcasts, never an index
     gather: a view where one run covers `index`, else copied run by run into `out` (or a new tensor).
     Autograd sends gradients back through the slices (no scatter-add)."""
     runs = _runs(index)
@@ -91,14 +91,14 @@ def _take(x, index: tuple[int, ...], out=None):
 
 
 def _keys(x, key_rows: tuple[tuple[int, ...], ...]):
-    """(chunks, frames of the group, key frames * tokens, channels): each query frame's keys, materialised
+    """(clips, frames of the group, key frames * tokens, channels): each query frame's keys, materialised
     once (as the attention function needs them) straight from slices of x."""
-    chunks, _, n, c = x.shape
+    clips, _, n, c = x.shape
     g, m = len(key_rows), len(key_rows[0])
-    out = x.new_empty(chunks, g, m, n, c)
+    out = x.new_empty(clips, g, m, n, c)
     for j in range(m):
         _take(x, tuple(row[j] for row in key_rows), out[:, :, j])
-    return out.view(chunks, g, m * n, c)
+    return out.view(clips, g, m * n, c)
 
 
 @lru_cache(maxsize=16)
@@ -112,13 +112,13 @@ def takes_transformer_options(attention) -> bool:
     return any(p.name == "transformer_options" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def frame_attention(q, k, v, heads: int, chunks: int, positions: tuple[int, ...], mode: str,
+def frame_attention(q, k, v, heads: int, clips: int, positions: tuple[int, ...], mode: str,
                     radius: int = 1, attention=None, transformer_options=None, **attention_kwargs):
     """Self-attention across frames.
 
-    q, k, v: (chunks * frames, tokens, channels), already projected. `attention(q, k, v, heads)` is
+    q, k, v: (clips * frames, tokens, channels), already projected. `attention(q, k, v, heads)` is
     ComfyUI's optimized_attention (default); it also gets `transformer_options` where it takes them.
-    Returns (chunks * frames, tokens, channels of v).
+    Returns (clips * frames, tokens, channels of v).
     """
     if attention is None:
         import comfy.ldm.modules.attention as comfy_attention
@@ -129,27 +129,27 @@ def frame_attention(q, k, v, heads: int, chunks: int, positions: tuple[int, ...]
     if frames == 1:
         return attention(q, k, v, heads, **attention_kwargs)
     n, nk = q.shape[1], k.shape[1]
-    qc = q.view(chunks, frames, n, q.shape[-1])
-    kc = k.view(chunks, frames, nk, k.shape[-1])
-    vc = v.view(chunks, frames, nk, v.shape[-1])
+    qc = q.view(clips, frames, n, q.shape[-1])
+    kc = k.view(clips, frames, nk, k.shape[-1])
+    vc = v.view(clips, frames, nk, v.shape[-1])
     out = None
     for group, key_rows in _groups(positions, mode, radius):
         g, m = len(group), len(key_rows[0])
         whole = group == tuple(range(frames))  # the usual case (sparse_causal, full, ...): no query gather
         qg = qc if whole else _take(qc, group)
         if all(row == key_rows[0] for row in key_rows):  # e.g. full, first_frame: one key set per clip
-            qq = qg.reshape(chunks, g * n, -1)
-            kk = _take(kc, key_rows[0]).reshape(chunks, m * nk, -1)
-            vv = _take(vc, key_rows[0]).reshape(chunks, m * nk, -1)
+            qq = qg.reshape(clips, g * n, -1)
+            kk = _take(kc, key_rows[0]).reshape(clips, m * nk, -1)
+            vv = _take(vc, key_rows[0]).reshape(clips, m * nk, -1)
         else:
-            qq = qg.reshape(chunks * g, n, -1)
-            kk = _keys(kc, key_rows).view(chunks * g, m * nk, -1)
-            vv = _keys(vc, key_rows).view(chunks * g, m * nk, -1)
+            qq = qg.reshape(clips * g, n, -1)
+            kk = _keys(kc, key_rows).view(clips * g, m * nk, -1)
+            vv = _keys(vc, key_rows).view(clips * g, m * nk, -1)
         o = attention(qq, kk, vv, heads, **attention_kwargs)
         if whole:
-            return o.reshape(chunks * frames, n, -1)
+            return o.reshape(clips * frames, n, -1)
         if out is None:
-            out = o.new_empty(chunks, frames, n, o.shape[-1])
+            out = o.new_empty(clips, frames, n, o.shape[-1])
         for (start, first, _), end in zip(_runs(group), [r[0] for r in _runs(group)[1:]] + [g]):
-            out[:, first:first + end - start] = o.view(chunks, g, n, -1)[:, start:end]
-    return out.view(chunks * frames, n, -1)
+            out[:, first:first + end - start] = o.view(clips, g, n, -1)[:, start:end]
+    return out.view(clips * frames, n, -1)

@@ -25,10 +25,10 @@ import comfy.samplers
 import comfy.utils
 
 from ..attention_patches.unet_patch import apply_tav, get_tav_patch, unet_of
+from .adapters import PREFIX
 from .tuning_objective import run_tuning
 
 CHECKPOINT_KEY = "tune_a_video_checkpointing"
-PREFIX = "diffusion_model."
 
 
 class WeightDelta(torch.nn.Module):

@@ -19,35 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_runtime  # noqa: E402
-
-SD15 = {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]}
-REDUCED = {"model_channels": 320, "channel_mult": [1, 1], "num_res_blocks": [1, 1],
-           "transformer_depth": [1, 1], "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1]}
-
-
-def build_model(reduced: bool, device: str):
-    import torch
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    cfg = dict(REDUCED if reduced else SD15, image_size=32, in_channels=4, out_channels=4, context_dim=768,
-               use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
-               use_spatial_transformer=True, legacy=False,
-               dtype=torch.float16 if device == "cuda" else torch.float32)
-    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(cfg), device=torch.device(device))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
-            else:  # norm scales 1, biases 0
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device),
-                                            offload_device=torch.device("cpu"))
-
+from random_models import random_unet as build_model  # noqa: E402
 
 def run_one(mode: str, frames: int, size: int, reduced: bool, device: str, repeats: int) -> dict:
     """In a child process: time one forward of a clip (the way samplers call the model)."""

@@ -3,6 +3,7 @@
   - make_random_sd15 / random_checkpoint: an SD1.5 checkpoint FILE that ComfyUI's loader detects as
     SD1.5 (reduced UNet unless full_unet; real CLIP-L and VAE shapes), cached under .cache/checkpoints.
     Norms are exact identities and other weights N(0, 1/fan_in), so deep random stacks stay O(1).
+  - random_unet: the reduced or full SD1.5 UNet in memory (benchmarks).
   - tiny_model: a tiny in-memory UNet (ComfyUI's own UNetModel/BaseModel/ModelPatcher, fp32) for the
     pure and in-process tests; norms are perturbed around identity so every layer matters.
 Both need ComfyUI importable (comfy_runtime.import_comfy).
@@ -14,6 +15,11 @@ from pathlib import Path
 CHECKPOINT_NAME = "tav_random_sd15_v2.safetensors"  # bump when the generator changes
 CONTEXT_DIM = 32  # tiny_model's cross-attention width
 ADM_DIM = 16      # tiny_model's pooled-vector width (sdxl=True)
+SD15_LAYOUT = {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]}
+REDUCED_LAYOUT = {"model_channels": 320, "channel_mult": [1, 1], "num_res_blocks": [1, 1],
+           "transformer_depth": [1, 1], "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1]}
 
 
 def _fill_random(module, generator, dtype):
@@ -64,13 +70,7 @@ def make_random_sd15(path: Path, seed: int = 0, full_unet: bool = False) -> Path
         use_temporal_attention=False, use_spatial_transformer=True, legacy=False,
         operations=comfy.ops.disable_weight_init, device="meta",
     )
-    if full_unet:
-        unet_cfg.update(channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
-                        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                        transformer_depth_middle=1, transformer_depth_output=[1] * 9 + [0] * 3)
-    else:
-        unet_cfg.update(channel_mult=[1, 1], num_res_blocks=[1, 1], transformer_depth=[1, 1],
-                        transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1])
+    unet_cfg.update(SD15_LAYOUT if full_unet else REDUCED_LAYOUT)
     unet = openaimodel.UNetModel(**unet_cfg)
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
                 "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
@@ -143,3 +143,26 @@ def tiny_model(seed=0, model_channels=32, heads=4, depth=1, sdxl=False):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     dev = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
+
+
+def random_unet(reduced: bool, device: str):
+    """An in-memory SD1.5 UNet (reduced or full layout) with seeded random weights, as a ModelPatcher (benchmarks)."""
+    import torch
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = dict(REDUCED_LAYOUT if reduced else SD15_LAYOUT, image_size=32, in_channels=4, out_channels=4, context_dim=768,
+               use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+               use_spatial_transformer=True, legacy=False,
+               dtype=torch.float16 if device == "cuda" else torch.float32)
+    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(cfg), device=torch.device(device))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+            else:  # norm scales 1, biases 0
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device),
+                                            offload_device=torch.device("cpu"))

@@ -25,13 +25,13 @@ def reference_keys(i, frames, mode, radius):
     return sorted({0} | {j for j in range(frames) if abs(j - i) <= radius})
 
 
-def reference_attention(q, k, v, heads, chunks, mode, radius):
+def reference_attention(q, k, v, heads, clips, mode, radius):
     """softmax(q K^T / sqrt(d)) V per chunk, frame and head, with explicit loops, in float64."""
     q, k, v = q.double(), k.double(), v.double()
-    frames = q.shape[0] // chunks
+    frames = q.shape[0] // clips
     d = q.shape[-1] // heads
     out = torch.zeros_like(q)
-    for c in range(chunks):
+    for c in range(clips):
         for i in range(frames):
             keys = reference_keys(i, frames, mode, radius)
             K = torch.cat([k[c * frames + j] for j in keys])
@@ -45,13 +45,13 @@ def reference_attention(q, k, v, heads, chunks, mode, radius):
 
 @pytest.mark.parametrize("mode", fa.MODES)
 @pytest.mark.parametrize("frames", [1, 2, 5])
-@pytest.mark.parametrize("chunks", [1, 2])
-def test_frame_attention_matches_reference(mode, frames, chunks):
-    g = torch.Generator().manual_seed(frames * 10 + chunks)
+@pytest.mark.parametrize("clips", [1, 2])
+def test_frame_attention_matches_reference(mode, frames, clips):
+    g = torch.Generator().manual_seed(frames * 10 + clips)
     heads, tokens, channels = 2, 6, 8
-    q, k, v = (torch.randn(chunks * frames, tokens, channels, generator=g) for _ in range(3))
-    got = fa.frame_attention(q, k, v, heads, chunks, tuple(range(frames)), mode, radius=1)
-    want = reference_attention(q, k, v, heads, chunks, mode, radius=1)
+    q, k, v = (torch.randn(clips * frames, tokens, channels, generator=g) for _ in range(3))
+    got = fa.frame_attention(q, k, v, heads, clips, tuple(range(frames)), mode, radius=1)
+    want = reference_attention(q, k, v, heads, clips, mode, radius=1)
     assert got.shape == q.shape
     assert (got.double() - want).abs().max().item() <= 1e-5
 
@@ -91,13 +91,13 @@ def test_unknown_mode_is_a_clear_error():
         fa.key_frames((0, 1), "bogus")
 
 
-def reference_clip_group_norm(x, chunks, groups, weight, bias, eps):
+def reference_clip_group_norm(x, clips, groups, weight, bias, eps):
     """Statistics over channel group x frames x H x W of each chunk, written out by hand."""
     x = x.double()
-    frames = x.shape[0] // chunks
+    frames = x.shape[0] // clips
     c = x.shape[1]
     out = torch.empty_like(x)
-    for ch in range(chunks):
+    for ch in range(clips):
         clip = x[ch * frames:(ch + 1) * frames]
         for gi in range(groups):
             s = slice(gi * c // groups, (gi + 1) * c // groups)
@@ -109,13 +109,13 @@ def reference_clip_group_norm(x, chunks, groups, weight, bias, eps):
 
 
 @pytest.mark.parametrize("frames", [1, 2, 5])
-@pytest.mark.parametrize("chunks", [1, 2])
-def test_clip_group_norm_matches_reference(frames, chunks):
-    g = torch.Generator().manual_seed(frames + 7 * chunks)
-    x = torch.randn(chunks * frames, 8, 4, 4, generator=g) * 3 + torch.arange(chunks * frames).view(-1, 1, 1, 1)
+@pytest.mark.parametrize("clips", [1, 2])
+def test_clip_group_norm_matches_reference(frames, clips):
+    g = torch.Generator().manual_seed(frames + 7 * clips)
+    x = torch.randn(clips * frames, 8, 4, 4, generator=g) * 3 + torch.arange(clips * frames).view(-1, 1, 1, 1)
     w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
-    got = fn.clip_group_norm(x, chunks, 4, w, b, 1e-5)
-    assert (got.double() - reference_clip_group_norm(x, chunks, 4, w, b, 1e-5)).abs().max().item() <= 1e-5
+    got = fn.clip_group_norm(x, clips, 4, w, b, 1e-5)
+    assert (got.double() - reference_clip_group_norm(x, clips, 4, w, b, 1e-5)).abs().max().item() <= 1e-5
     if frames > 1:  # and it is not per-frame GroupNorm
         per_frame = torch.nn.functional.group_norm(x, 4, w, b, 1e-5)
         assert (got - per_frame).abs().max().item() > 1e-2
@@ -126,8 +126,8 @@ def reference_temporal(module, x, frames):
     attn, norm = module.attn_temp, module.norm_temp
     heads = attn.heads
     out = x.double().clone()
-    chunks = x.shape[0] // frames
-    for c in range(chunks):
+    clips = x.shape[0] // frames
+    for c in range(clips):
         clip = x[c * frames:(c + 1) * frames].double()  # (f, d, ch)
         for t in range(clip.shape[1]):
             seq = clip[:, t]  # (f, ch)
@@ -141,12 +141,12 @@ def reference_temporal(module, x, frames):
     return out
 
 
-@pytest.mark.parametrize("frames,chunks", [(1, 1), (2, 2), (5, 1), (5, 2)])
-def test_temporal_attention_matches_reference(frames, chunks):
+@pytest.mark.parametrize("frames,clips", [(1, 1), (2, 2), (5, 1), (5, 2)])
+def test_temporal_attention_matches_reference(frames, clips):
     g = torch.Generator().manual_seed(3)
     module = ta.TemporalAttention(16, heads=2, dim_head=8, dtype=torch.float32)
     module.reset_parameters(g)
-    x = torch.randn(chunks * frames, 6, 16, generator=g)
+    x = torch.randn(clips * frames, 6, 16, generator=g)
     assert torch.equal(module(x, frames), x), "zero-initialised output projection must be the identity"
     with torch.enable_grad():  # while training, the zero layer still runs so to_out gets gradients
         module(x, frames).sum().backward()
