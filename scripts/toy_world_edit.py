@@ -82,7 +82,8 @@ def run(a) -> list[dict]:
 
     ckpt = Path(a.checkpoint) if a.checkpoint else build_toy_world.build(log=lambda s: print(s, file=sys.stderr))
     edits = [(EDITS[0][0], [a.prompt or EDITS[0][1][0]])] if a.demo else EDITS
-    server = comfy_runtime.ComfyServer(a.base_dir, checkpoints=[ckpt])
+    server = comfy_runtime.ComfyServer(a.base_dir, checkpoints=[ckpt],
+                                       extra_args=["--deterministic", "--use-pytorch-cross-attention"])
     rows = []
     with server:
         for (colour, shape, kind), targets in edits:
@@ -109,6 +110,7 @@ def run(a) -> list[dict]:
                     clips[method] = _frames(sorted(clips[method]))
                     results[method] = toy_world.score_edit(clips[method], source, *toy_world.parse_prompt(edited))
                 rows.append(results)
+                (a.out / ("demo_scores.json" if a.demo else "scores.json")).write_text(json.dumps(rows, indent=1))
                 strip = toy_world.strip([clips[k] for k in ("source", *METHODS)])[0]
                 results["strip"] = str(a.out / f"{clip_dir}__{edited.replace(' ', '_')}.png")
                 Image.fromarray((strip * 255).round().byte().numpy()).save(results["strip"])
@@ -123,14 +125,23 @@ def summary_line(r) -> str:
             + (f"; video {r['video']}" if r.get("video") else ""))
 
 
+def edit_kind(r) -> str:
+    (c0, s0), (c1, s1) = (build_toy_world.load_pack_modules()[0].parse_prompt(r[k]) for k in ("source", "edited"))
+    return "colour" if s0 == s1 else "shape" if c0 == c1 else "both"
+
+
 def table(rows) -> str:
-    """Markdown: mean scores per method over the edits (colour-only edits reported apart)."""
+    """Markdown: mean scores per method over all edits, and over colour-only / shape-changing edits."""
     keys = ("edit_accuracy", "colour_accuracy", "shape_accuracy", "motion_error_px", "colour_spread",
             "size_spread", "background_kept")
-    lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines = ["| method | edits | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    groups = {"all": rows, "colour only": [r for r in rows if edit_kind(r) == "colour"],
+              "shape changed": [r for r in rows if edit_kind(r) != "colour"]}
     for method, label in METHODS.items():
-        means = [sum(r[method][k] for r in rows) / len(rows) for k in keys]
-        lines.append(f"| {label} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+        for group, rs in groups.items():
+            if rs and (group == "all" or len(rs) < len(rows)):
+                means = [sum(r[method][k] for r in rs) / len(rs) for k in keys]
+                lines.append(f"| {label} | {group} ({len(rs)}) | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     return "\n".join(lines)
 
 
@@ -157,7 +168,6 @@ def main(argv=None) -> int:
     a.out = a.base_dir.parent
     a.out.mkdir(parents=True, exist_ok=True)
     rows = run(a)
-    (a.out / ("demo_scores.json" if a.demo else "scores.json")).write_text(json.dumps(rows, indent=1))
     print(table(rows))
     if a.demo:
         r = rows[0]
