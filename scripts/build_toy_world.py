@@ -226,11 +226,15 @@ def generate(path: Path, texts, samples: int, seed=0, steps=20, cfg=7.5):
     for i, text in enumerate(texts):
         pos = [[clip.encode_from_tokens(clip.tokenize(text)), {}]]
         neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
-        latent = torch.zeros(samples, 4, FRAME_SIZE // 8, FRAME_SIZE // 8)
-        noise = comfy.sample.prepare_noise(latent, seed + i)
-        samples_out = comfy.sample.sample(model, noise, steps, cfg, "ddim", "ddim_uniform", pos, neg, latent,
-                                          seed=seed + i, disable_pbar=True)
-        out[text] = vae.decode(samples_out)
+        images = []
+        for chunk in range(0, samples, 4):
+            latent = torch.zeros(min(4, samples - chunk), 4, FRAME_SIZE // 8, FRAME_SIZE // 8)
+            noise = comfy.sample.prepare_noise(latent, seed + 1000 * i + chunk)
+            out_latent = comfy.sample.sample(model, noise, steps, cfg, "ddim", "ddim_uniform", pos, neg, latent,
+                                             seed=seed + i, disable_pbar=True)
+            # one frame per decode: batched decodes here grew the process past 18 GB (not investigated)
+            images += [vae.decode(out_latent[k:k + 1]) for k in range(len(out_latent))]
+        out[text] = torch.cat(images)
     return out
 
 
