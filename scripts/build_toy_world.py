@@ -24,9 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_runtime  # noqa: E402
 
-VERSION = 1  # bump when the recipe changes: the cached file name changes with it
+VERSION = 2  # bump when the recipe changes: the cached file name changes with it
 FRAME_SIZE = 96
-DEFAULTS = {"steps": 400, "batch": 24, "lr": 5e-4, "seed": 0, "dropout": 0.1}
+DEFAULTS = {"steps": 400, "batch": 16, "lr": 5e-4, "seed": 0, "dropout": 0.1, "object_weight": 3.0}
+VOCAB_NORM = 256.0  # norm of each vocabulary word's token embedding (the random CLIP's rows: about 0.55)
+TOKEN_EMBEDDING = "cond_stage_model.transformer.embeddings.token_embedding.weight"
 
 
 def checkpoint_path() -> Path:
@@ -57,6 +59,36 @@ def encode_texts(clip, texts):
     return torch.cat([clip.encode_from_tokens(clip.tokenize(t)) for t in texts]).float()
 
 
+def vocabulary_token_ids(clip, words) -> dict[str, int]:
+    """The CLIP tokenizer's id of each word (each vocabulary word is one token)."""
+    special = {clip.tokenizer.clip_l.start_token, clip.tokenizer.clip_l.end_token}
+    ids = {}
+    for word in words:
+        found = [t[0] for t in clip.tokenize(word)["l"][0] if t[0] not in special]
+        if len(found) != 1:
+            raise ValueError(f"vocabulary word {word!r} is {len(found)} CLIP tokens, not one")
+        ids[word] = int(found[0])
+    return ids
+
+
+def distinct_vocabulary(clip_sd: dict, ids: dict[str, int], seed: int = 0) -> dict:
+    """clip_sd with each vocabulary word's token-embedding row set to a large vector, all mutually orthogonal.
+
+    The random CLIP maps every prompt to nearly the same embedding (cosine 0.94-0.99), from which a UNet
+    learns colour but hardly shape; distinct, dominant word rows make each word visible in the context.
+    Only rows of the token table change: the text encoder stays a normal SD1.5 CLIP-L.
+    """
+    import torch
+
+    table = clip_sd[TOKEN_EMBEDDING]
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(table.shape[1], len(ids), generator=g, dtype=torch.float64))
+    table = table.clone()
+    for i, row in enumerate(ids.values()):
+        table[row] = (q[:, i] * VOCAB_NORM).to(table.dtype)
+    return {**clip_sd, TOKEN_EMBEDDING: table}
+
+
 def _reinit(unet):
     """PyTorch's default init, with SD's zero-initialised output convs (each block starts as identity)."""
     import torch
@@ -72,8 +104,19 @@ def _reinit(unet):
             torch.nn.init.zeros_(m.weight), torch.nn.init.zeros_(m.bias)
 
 
+def object_weights(frames, weight: float):
+    """Loss weight per latent cell [N, 1, h, w]: 1 + weight near the object (its cells dilated by one).
+
+    Most cells are plain background; the shape lives in the few cells of the object's outline.
+    """
+    import torch.nn.functional as F
+
+    cover = F.avg_pool2d((frames.amax(-1) > 0.5).float().unsqueeze(1), 8)
+    return 1 + weight * F.max_pool2d(cover, 3, 1, 1)
+
+
 def train_unet(unet, contexts, empty, toy_world, toy_vae, steps, batch, lr, seed, dropout, log=print,
-               snapshot=None):
+               snapshot=None, object_weight=0.0):
     """Train unet (in place, fp32) to predict the noise of rendered toy-world latents. Returns the loss log."""
     import torch
 
@@ -91,7 +134,9 @@ def train_unet(unet, contexts, empty, toy_world, toy_vae, steps, batch, lr, seed
     names = list(toy_world.COLOURS)
     for step in range(steps):
         colours, shapes, centres = toy_world.random_scenes(batch, FRAME_SIZE, g)
-        x0 = toy_vae.encode_reference(toy_world.render(colours, shapes, centres, FRAME_SIZE))
+        frames = toy_world.render(colours, shapes, centres, FRAME_SIZE)
+        x0 = toy_vae.encode_reference(frames)
+        w = object_weights(frames, object_weight)
         idx = torch.tensor([names.index(c) * len(toy_world.SHAPES) + toy_world.SHAPES.index(s)
                             for c, s in zip(colours, shapes)])
         ctx = contexts[idx]
@@ -103,7 +148,7 @@ def train_unet(unet, contexts, empty, toy_world, toy_vae, steps, batch, lr, seed
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls (AMX where the CPU has it)
             pred = unet(xt, timesteps=t.float(), context=ctx)
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        loss = (w * (pred.float() - noise) ** 2).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -134,15 +179,18 @@ def build(force=False, log=print, path: Path | None = None, **overrides) -> Path
     t0, c0 = time.time(), time.process_time()
     torch.manual_seed(cfg["seed"])
     base = comfy_runtime.random_checkpoint()
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(base), output_vae=False)
+    base_sd = safetensors.torch.load_file(str(base))
+    _, clip, _, _ = comfy.sd.load_state_dict_guess_config(dict(base_sd), output_vae=False, output_model=False)
+    words = [*toy_world.COLOURS, *toy_world.SHAPES]
+    clip_sd = distinct_vocabulary({k: v for k, v in base_sd.items() if k.startswith("cond_stage_model.")},
+                                  vocabulary_token_ids(clip, words), cfg["seed"])
+    model, clip, _, _ = comfy.sd.load_state_dict_guess_config({**base_sd, **clip_sd}, output_vae=False)
     contexts = encode_texts(clip, prompts(toy_world))
     empty = encode_texts(clip, [""])[0]
     unet = model.model.diffusion_model.float()
     _reinit(unet)
     log(f"toy world: training the UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M params), "
         f"{cfg['steps']} steps of {cfg['batch']} frames")
-    base_sd = safetensors.torch.load_file(str(base))
-    clip_sd = {k: v for k, v in base_sd.items() if k.startswith("cond_stage_model.")}
     vae_sd = {f"first_stage_model.{k}": v.half() for k, v in toy_vae.toy_vae_state_dict().items()}
 
     def save(target, steps_done, losses):
@@ -159,7 +207,8 @@ def build(force=False, log=print, path: Path | None = None, **overrides) -> Path
 
     partial = path.with_name(path.stem + "_partial.safetensors")  # snapshots while training, for a look
     losses = train_unet(unet, contexts, empty, toy_world, toy_vae, cfg["steps"], cfg["batch"], cfg["lr"],
-                        cfg["seed"], cfg["dropout"], log, (50, lambda n, ls: save(partial, n, ls)))
+                        cfg["seed"], cfg["dropout"], log, (50, lambda n, ls: save(partial, n, ls)),
+                        cfg["object_weight"])
     meta = save(path, cfg["steps"], losses)
     partial.unlink(missing_ok=True)
     log(f"toy world: built in {meta['build_wall_s']} s wall, {meta['build_cpu_s']} s CPU -> {path}")
@@ -177,11 +226,15 @@ def generate(path: Path, texts, samples: int, seed=0, steps=20, cfg=7.5):
     for i, text in enumerate(texts):
         pos = [[clip.encode_from_tokens(clip.tokenize(text)), {}]]
         neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
-        latent = torch.zeros(samples, 4, FRAME_SIZE // 8, FRAME_SIZE // 8)
-        noise = comfy.sample.prepare_noise(latent, seed + i)
-        samples_out = comfy.sample.sample(model, noise, steps, cfg, "ddim", "ddim_uniform", pos, neg, latent,
-                                          seed=seed + i, disable_pbar=True)
-        out[text] = vae.decode(samples_out)
+        images = []
+        for chunk in range(0, samples, 4):
+            latent = torch.zeros(min(4, samples - chunk), 4, FRAME_SIZE // 8, FRAME_SIZE // 8)
+            noise = comfy.sample.prepare_noise(latent, seed + 1000 * i + chunk)
+            out_latent = comfy.sample.sample(model, noise, steps, cfg, "ddim", "ddim_uniform", pos, neg, latent,
+                                             seed=seed + i, disable_pbar=True)
+            # one frame per decode: batched decodes here grew the process past 18 GB (not investigated)
+            images += [vae.decode(out_latent[k:k + 1]) for k in range(len(out_latent))]
+        out[text] = torch.cat(images)
     return out
 
 

@@ -5,20 +5,27 @@ cd "$(dirname "$0")/.."
 
 usage() {
   cat <<'EOF'
-Usage: scripts/demo.sh [--ckpt CHECKPOINT] [--prompt TEXT] [run_workflow options]
+Usage: scripts/demo.sh [--ckpt CHECKPOINT | --random] [--prompt TEXT] [options]
 
-One-shot tunes Tune-A-Video on a generated 2-second sample clip and its prompt, saves the adapter,
-inverts the clip with the tuned model and samples the edited prompt, headless in a ComfyUI server it
-starts; prints where the adapter and the video were written. The first run builds .venv (CPU PyTorch,
-ComfyUI's requirements) and fetches ComfyUI 0.3.75 into .cache; nothing comes from model hubs.
+One-shot tunes Tune-A-Video on a clip and its prompt, saves the adapter, inverts the clip with the
+tuned model and samples the edited prompt, headless in a ComfyUI server it starts; prints where the
+adapter and the video were written. The first run builds .venv (CPU PyTorch, ComfyUI's requirements)
+and fetches ComfyUI 0.3.75 into .cache; nothing comes from model hubs.
 
+  (no --ckpt)      the toy world (README "The toy world"): builds its checkpoint on the first run
+                   (about 15 min of CPU; cached in .cache/toy_world/), tunes on a green square moving
+                   along an arc, edits it to --prompt (default "a yellow square"; any "a <red|green|
+                   blue|yellow> <circle|square|triangle>") and prints the edit's scores. Other options
+                   go to scripts/toy_world_edit.py (--tune-steps, --steps, --seed).
   --ckpt FILE      an SD1.5 checkpoint file (.safetensors): Tune-A-Video's settings (tune 500 steps,
-                   24 frames at 512x512, 50 DDIM steps, cfg 12.5; a GPU job). Without it: a seeded
-                   random-weight SD1.5 that proves the pipeline runs (the video is noise).
-  --prompt TEXT    the edited prompt (default: an oil-painted sun and kite over a purple sea)
+                   24 frames at 512x512, 50 DDIM steps, cfg 12.5; a GPU job) on a generated 2-second
+                   sample clip.
+  --random         a seeded random-weight SD1.5 on the sample clip: proves the pipeline runs in
+                   about 2 min (the video is noise).
+  --prompt TEXT    the edited prompt (default with --ckpt/--random: an oil-painted sun and kite)
   -h, --help       this help
 
-Other options go to scripts/run_workflow.py, e.g. --seed 1, --tune-steps 300, --precision fp16,
+With --ckpt or --random, other options go to scripts/run_workflow.py, e.g. --seed 1, --tune-steps 300, --precision fp16,
 --source-prompt "...", --server http://127.0.0.1:8188 (a running ComfyUI; --ckpt may then be a
 name it lists). Environment: COMFYUI_PATH (your own ComfyUI), TAV_VENV (default .venv).
 EOF
@@ -26,16 +33,26 @@ EOF
 
 die() { echo "demo.sh: $*" >&2; echo "See scripts/demo.sh --help" >&2; exit 2; }
 CKPT=""
-PROMPT="a glowing orange sun drifting over a purple sea, a blue kite bobbing in the sky, oil painting"
+RANDOM_CKPT=0
+PROMPT=""
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --ckpt) { [ $# -ge 2 ] && [ -n "$2" ]; } || die "--ckpt needs a checkpoint file"; CKPT=$2; shift 2 ;;
+    --random) RANDOM_CKPT=1; shift ;;
     --prompt) { [ $# -ge 2 ] && [ -n "$2" ]; } || die "--prompt needs a text"; PROMPT=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) EXTRA+=("$1"); shift ;;
   esac
 done
+[ -n "$CKPT" ] && [ "$RANDOM_CKPT" = 1 ] && die "give --ckpt or --random, not both"
+if [ -z "$CKPT" ] && [ "$RANDOM_CKPT" = 0 ]; then
+  scripts/setup.sh
+  echo "No --ckpt given: the toy world (first run builds its checkpoint, about 15 min of CPU)." >&2
+  exec "${TAV_VENV:-.venv}/bin/python" scripts/toy_world_edit.py --demo ${PROMPT:+--prompt "$PROMPT"} \
+    ${EXTRA[@]+"${EXTRA[@]}"}
+fi
+[ -n "$PROMPT" ] || PROMPT="a glowing orange sun drifting over a purple sea, a blue kite bobbing in the sky, oil painting"
 WORKFLOW=workflows/tav_tune_and_edit_api.json
 # Check the arguments now (stdlib Python), not after minutes of setup and a server start.
 "${PYTHON:-python3}" scripts/run_workflow.py "$WORKFLOW" --check-args --prompt "$PROMPT" \
@@ -56,7 +73,7 @@ if [ -n "$CKPT" ]; then
 else
   CKPT=$("$PY" scripts/comfy_runtime.py checkpoint)
   SETTINGS=(--tune-steps 5 --precision "$PRECISION" --frames 8 --width 64 --height 64 --steps 10)
-  echo "No --ckpt given: using a random-weight SD1.5 checkpoint ($CKPT)." >&2
+  echo "--random: using a random-weight SD1.5 checkpoint ($CKPT)." >&2
   echo "Random weights prove the pipeline runs end to end; the picture is noise, not an edit." >&2
 fi
 

@@ -81,8 +81,9 @@ def run(a) -> list[dict]:
     from PIL import Image
 
     ckpt = Path(a.checkpoint) if a.checkpoint else build_toy_world.build(log=lambda s: print(s, file=sys.stderr))
-    edits = EDITS[:1] if a.demo else EDITS
-    server = comfy_runtime.ComfyServer(a.base_dir, checkpoints=[ckpt])
+    edits = [(EDITS[0][0], [a.prompt or EDITS[0][1][0]])] if a.demo else EDITS
+    server = comfy_runtime.ComfyServer(a.base_dir, checkpoints=[ckpt],
+                                       extra_args=["--deterministic", "--use-pytorch-cross-attention"])
     rows = []
     with server:
         for (colour, shape, kind), targets in edits:
@@ -109,9 +110,10 @@ def run(a) -> list[dict]:
                     clips[method] = _frames(sorted(clips[method]))
                     results[method] = toy_world.score_edit(clips[method], source, *toy_world.parse_prompt(edited))
                 rows.append(results)
+                (a.out / ("demo_scores.json" if a.demo else "scores.json")).write_text(json.dumps(rows, indent=1))
                 strip = toy_world.strip([clips[k] for k in ("source", *METHODS)])[0]
-                name = f"{clip_dir}__{edited.replace(' ', '_')}.png"
-                Image.fromarray((strip * 255).round().byte().numpy()).save(a.out / name)
+                results["strip"] = str(a.out / f"{clip_dir}__{edited.replace(' ', '_')}.png")
+                Image.fromarray((strip * 255).round().byte().numpy()).save(results["strip"])
                 print(summary_line(results), file=sys.stderr, flush=True)
     return rows
 
@@ -123,20 +125,30 @@ def summary_line(r) -> str:
             + (f"; video {r['video']}" if r.get("video") else ""))
 
 
+def edit_kind(r) -> str:
+    (c0, s0), (c1, s1) = (build_toy_world.load_pack_modules()[0].parse_prompt(r[k]) for k in ("source", "edited"))
+    return "colour" if s0 == s1 else "shape" if c0 == c1 else "both"
+
+
 def table(rows) -> str:
-    """Markdown: mean scores per method over the edits (colour-only edits reported apart)."""
+    """Markdown: mean scores per method over all edits, and over colour-only / shape-changing edits."""
     keys = ("edit_accuracy", "colour_accuracy", "shape_accuracy", "motion_error_px", "colour_spread",
             "size_spread", "background_kept")
-    lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines = ["| method | edits | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    groups = {"all": rows, "colour only": [r for r in rows if edit_kind(r) == "colour"],
+              "shape changed": [r for r in rows if edit_kind(r) != "colour"]}
     for method, label in METHODS.items():
-        means = [sum(r[method][k] for r in rows) / len(rows) for k in keys]
-        lines.append(f"| {label} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+        for group, rs in groups.items():
+            if rs and (group == "all" or len(rs) < len(rows)):
+                means = [sum(r[method][k] for r in rs) / len(rs) for k in keys]
+                lines.append(f"| {label} | {group} ({len(rs)}) | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--demo", action="store_true", help="one edit only")
+    p.add_argument("--demo", action="store_true", help="one edit only: a green square on an arc")
+    p.add_argument("--prompt", help="with --demo: the edited prompt (default 'a yellow square')")
     p.add_argument("--checkpoint", help="a toy-world checkpoint (default: build or reuse the cached one)")
     p.add_argument("--tune-steps", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-4, help="tuning learning rate")
@@ -145,12 +157,24 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-dir", type=Path, default=comfy_runtime.PACK_DIR / "out" / "toy_world" / "comfy")
     a = p.parse_args(argv)
+    if a.prompt:
+        if not a.demo:
+            p.error("--prompt goes with --demo (the 12 held-out edits have their own prompts)")
+        try:
+            build_toy_world.load_pack_modules()[0].parse_prompt(a.prompt)
+        except ValueError as e:
+            p.error(f"--prompt: {e}")
     a.base_dir = a.base_dir.resolve()
     a.out = a.base_dir.parent
     a.out.mkdir(parents=True, exist_ok=True)
     rows = run(a)
-    (a.out / "scores.json").write_text(json.dumps(rows, indent=1))
     print(table(rows))
+    if a.demo:
+        r = rows[0]
+        print(f"\nSource clip: {r['source']} moving along an {r['trajectory']}; edited prompt: {r['edited']}")
+        print(f"Strip (rows: source, {', '.join(METHODS.values())}): {r['strip']}")
+        if r.get("video"):
+            print(f"Edited video: {r['video']}")
     return 0
 
 

