@@ -10,7 +10,7 @@ the mechanism of core's own trainer), which run inside ComfyUI's weight cast at 
 The loaded weights are what ComfyUI's own loading makes of this clone: the checkpoint's unpatched
 weights (restored from the patcher's backup when another clone of the checkpoint was loaded before,
 LoRA'd, tuned or cancelled) plus this model's own patches. The temporal attention is the clone's own copy.
-Gradient checkpointing (non-reentrant) covers transformer blocks and temporal attention.
+Gradient checkpointing (non-reentrant) covers transformer blocks, temporal attention and res blocks.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
+
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
 from ..attention_patches.unet_patch import apply_tav, get_tav_patch, unet_of
 from .adapters import PREFIX
@@ -73,20 +75,49 @@ _ATTENTION_OPS = _attention_ops()
 _SELECTIVE = getattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts", None)
 
 
-def _checkpointed(forward, *args, **kwargs):
+# torch.nn.Module's forward hook tables (pre-hooks, hooks, and which take kwargs or always run).
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _hooks_inside(module) -> list[tuple[torch.nn.Module, dict]]:
+    """The forward hooks of module's submodules as they are now (copies of torch's tables). TAV's
+    frame-shared GroupNorm is such a hook, registered only for the duration of the UNet call."""
+    return [(m, {t: getattr(m, t).copy() for t in _HOOK_TABLES if hasattr(m, t)})
+            for m in module.modules() if m is not module]
+
+
+def _with_hooks(hooks, forward, *args, **kwargs):
+    """forward with exactly the given hooks on the submodules: the forward-time ones when the backward
+    recomputes after the UNet call has removed them; restored afterwards."""
+    current = [(m, {t: getattr(m, t) for t in tables}) for m, tables in hooks]
+    try:
+        for m, tables in hooks:
+            for t, table in tables.items():
+                setattr(m, t, table)
+        return forward(*args, **kwargs)
+    finally:
+        for m, tables in current:
+            for t, table in tables.items():
+                setattr(m, t, table)
+
+
+def _checkpointed(module, forward, *args, **kwargs):
     # The UNet mutates transformer_options ("block", "block_index", ...) between this forward and
     # the backward's recomputation: recompute with the values of this call.
     args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
     kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
     if _SELECTIVE is not None:
         kwargs["context_fn"] = functools.partial(_SELECTIVE, _keep_attention)
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    run = functools.partial(_with_hooks, _hooks_inside(module), forward)
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 class Checkpointing:
     """DIFFUSION_MODEL wrapper: non-reentrant gradient checkpointing of the given modules' forwards for
-    the duration of one model call (restored afterwards). Their TAV forward hooks run outside the
-    checkpointed forward, so the recomputation never depends on hooks that are gone by backward time.
+    the duration of one model call (restored afterwards). A module's own TAV forward hooks (temporal
+    attention) run outside its checkpointed forward; its submodules' hooks (frame-shared GroupNorm in
+    res blocks) are captured at forward time and reinstalled while the backward recomputes.
     Non-reentrant: parameters get gradients even where no input requires grad.
     """
 
@@ -98,7 +129,7 @@ class Checkpointing:
         try:
             for module in self.modules:
                 saved.append((module, module.__dict__.get("forward")))
-                module.forward = functools.partial(_checkpointed, module.forward)
+                module.forward = functools.partial(_checkpointed, module, module.forward)
             return executor(*args, **kwargs)
         finally:
             for module, previous in saved:
@@ -183,6 +214,7 @@ class TuningRun:
             modules = [unet.get_submodule(path) for path, _ in self.patch.blocks]
             if self.patch.temporal is not None:
                 modules += [self.patch.temporal.block(path) for path, _ in self.patch.blocks]
+            modules += [m for m in unet.modules() if isinstance(m, ResBlock)]
             self.model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CHECKPOINT_KEY,
                                             Checkpointing(modules))
 
