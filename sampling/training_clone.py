@@ -75,61 +75,45 @@ _ATTENTION_OPS = _attention_ops()
 _SELECTIVE = getattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts", None)
 
 
-# torch.nn.Module's forward hook tables (pre-hooks, hooks, and which take kwargs or always run).
-_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-
-
-def _hooks_inside(module) -> list[tuple[torch.nn.Module, dict]]:
-    """The forward hooks of module's submodules as they are now (copies of torch's tables). TAV's
-    frame-shared GroupNorm is such a hook, registered only for the duration of the UNet call."""
-    return [(m, {t: getattr(m, t).copy() for t in _HOOK_TABLES if hasattr(m, t)})
-            for m in module.modules() if m is not module]
-
-
-def _with_hooks(hooks, forward, *args, **kwargs):
-    """forward with exactly the given hooks on the submodules: the forward-time ones when the backward
-    recomputes after the UNet call has removed them; restored afterwards."""
-    current = [(m, {t: getattr(m, t) for t in tables}) for m, tables in hooks]
+def _with_norm_hooks(patch, hooks, forward, *args, **kwargs):
+    """forward with the frame-shared GroupNorm hooks of the original forward: in place during the UNet
+    call; registered again (public hook API) while the backward recomputes after the call removed them."""
+    handles = [m.register_forward_hook(h) for m, h in hooks if patch.live_norm_hooks.get(m) is not h]
     try:
-        for m, tables in hooks:
-            for t, table in tables.items():
-                setattr(m, t, table)
         return forward(*args, **kwargs)
     finally:
-        for m, tables in current:
-            for t, table in tables.items():
-                setattr(m, t, table)
+        for handle in handles:
+            handle.remove()
 
 
-def _checkpointed(module, forward, *args, **kwargs):
+def _checkpointed(patch, module, forward, *args, **kwargs):
     # The UNet mutates transformer_options ("block", "block_index", ...) between this forward and
     # the backward's recomputation: recompute with the values of this call.
     args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
     kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
     if _SELECTIVE is not None:
         kwargs["context_fn"] = functools.partial(_SELECTIVE, _keep_attention)
-    run = functools.partial(_with_hooks, _hooks_inside(module), forward)
+    run = functools.partial(_with_norm_hooks, patch, patch.norm_hooks_in(module), forward)
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 class Checkpointing:
     """DIFFUSION_MODEL wrapper: non-reentrant gradient checkpointing of the given modules' forwards for
     the duration of one model call (restored afterwards). A module's own TAV forward hooks (temporal
-    attention) run outside its checkpointed forward; its submodules' hooks (frame-shared GroupNorm in
-    res blocks) are captured at forward time and reinstalled while the backward recomputes.
+    attention) run outside its checkpointed forward; the frame-shared GroupNorm hooks inside it (res blocks)
+    are taken from the patch at forward time and registered again while the backward recomputes.
     Non-reentrant: parameters get gradients even where no input requires grad.
     """
 
-    def __init__(self, modules):
-        self.modules = list(modules)
+    def __init__(self, modules, patch):
+        self.modules, self.patch = list(modules), patch
 
     def __call__(self, executor, *args, **kwargs):
         saved = []
         try:
             for module in self.modules:
                 saved.append((module, module.__dict__.get("forward")))
-                module.forward = functools.partial(_checkpointed, module, module.forward)
+                module.forward = functools.partial(_checkpointed, self.patch, module, module.forward)
             return executor(*args, **kwargs)
         finally:
             for module, previous in saved:
@@ -216,7 +200,7 @@ class TuningRun:
                 modules += [self.patch.temporal.block(path) for path, _ in self.patch.blocks]
             modules += [m for m in unet.modules() if isinstance(m, ResBlock)]
             self.model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CHECKPOINT_KEY,
-                                            Checkpointing(modules))
+                                            Checkpointing(modules, self.patch))
 
     def _wrap(self, key, function):
         self.model.add_weight_wrapper(key, function)

@@ -185,7 +185,7 @@ def test_every_trainable_tensor_gets_a_gradient_with_and_without_checkpointing(b
     if attention == "comfy_default":
         # control (TAVConfig's frame_shared_norm=True): res blocks recomputed without the frame-shared
         # GroupNorm hooks of their forward (gone after the UNet call) do not reproduce it
-        monkeypatch.setattr(tc, "_hooks_inside", lambda module: [])
+        monkeypatch.setattr(up.TAVPatch, "norm_hooks_in", lambda self, module: [])
         with pytest.raises(torch.utils.checkpoint.CheckpointError):
             tune(base, trainable="attention+temporal", gradient_checkpointing=True)
         assert_no_leftovers(base)
