@@ -107,6 +107,7 @@ class TAVPatch:
         self.blocks = blocks
         self.norm_paths = norm_paths
         self.temporal = temporal
+        self.live_norm_hooks: dict[torch.nn.Module, functools.partial] = {}  # during this patch's UNet call
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone deep-copies model_options (where attn1_replace lives); keep one patch.
@@ -131,11 +132,18 @@ class TAVPatch:
                     handles.append(unet.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
             if self.config.frame_shared_norm and layout.frames > 1:
                 hook = functools.partial(_norm_hook, layout.clips)
-                handles += [unet.get_submodule(p).register_forward_hook(hook) for p in self.norm_paths]
+                self.live_norm_hooks = {unet.get_submodule(p): hook for p in self.norm_paths}
+                handles += [norm.register_forward_hook(hook) for norm in self.live_norm_hooks]
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
+            self.live_norm_hooks = {}
+
+    def norm_hooks_in(self, module: torch.nn.Module) -> list[tuple[torch.nn.Module, functools.partial]]:
+        """The frame-shared GroupNorm hooks live inside `module` right now (only during this patch's UNet
+        call): gradient checkpointing re-registers them when the backward recomputes the module."""
+        return [(m, self.live_norm_hooks[m]) for m in module.modules() if m in self.live_norm_hooks]
 
     def temporal_state_dict(self) -> dict[str, torch.Tensor]:
         """Temporal attention weights, keyed `<unet block path>.{attn_temp,norm_temp}.<param>`."""

@@ -10,7 +10,7 @@ the mechanism of core's own trainer), which run inside ComfyUI's weight cast at 
 The loaded weights are what ComfyUI's own loading makes of this clone: the checkpoint's unpatched
 weights (restored from the patcher's backup when another clone of the checkpoint was loaded before,
 LoRA'd, tuned or cancelled) plus this model's own patches. The temporal attention is the clone's own copy.
-Gradient checkpointing (non-reentrant) covers transformer blocks and temporal attention.
+Gradient checkpointing (non-reentrant) covers transformer blocks, temporal attention and res blocks.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
+
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
 from ..attention_patches.unet_patch import apply_tav, get_tav_patch, unet_of
 from .adapters import PREFIX
@@ -73,32 +75,45 @@ _ATTENTION_OPS = _attention_ops()
 _SELECTIVE = getattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts", None)
 
 
-def _checkpointed(forward, *args, **kwargs):
+def _with_norm_hooks(patch, hooks, forward, *args, **kwargs):
+    """forward with the frame-shared GroupNorm hooks of the original forward: in place during the UNet
+    call; registered again (public hook API) while the backward recomputes after the call removed them."""
+    handles = [m.register_forward_hook(h) for m, h in hooks if patch.live_norm_hooks.get(m) is not h]
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _checkpointed(patch, module, forward, *args, **kwargs):
     # The UNet mutates transformer_options ("block", "block_index", ...) between this forward and
     # the backward's recomputation: recompute with the values of this call.
     args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
     kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
     if _SELECTIVE is not None:
         kwargs["context_fn"] = functools.partial(_SELECTIVE, _keep_attention)
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    run = functools.partial(_with_norm_hooks, patch, patch.norm_hooks_in(module), forward)
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 class Checkpointing:
     """DIFFUSION_MODEL wrapper: non-reentrant gradient checkpointing of the given modules' forwards for
-    the duration of one model call (restored afterwards). Their TAV forward hooks run outside the
-    checkpointed forward, so the recomputation never depends on hooks that are gone by backward time.
+    the duration of one model call (restored afterwards). A module's own TAV forward hooks (temporal
+    attention) run outside its checkpointed forward; the frame-shared GroupNorm hooks inside it (res blocks)
+    are taken from the patch at forward time and registered again while the backward recomputes.
     Non-reentrant: parameters get gradients even where no input requires grad.
     """
 
-    def __init__(self, modules):
-        self.modules = list(modules)
+    def __init__(self, modules, patch):
+        self.modules, self.patch = list(modules), patch
 
     def __call__(self, executor, *args, **kwargs):
         saved = []
         try:
             for module in self.modules:
                 saved.append((module, module.__dict__.get("forward")))
-                module.forward = functools.partial(_checkpointed, module.forward)
+                module.forward = functools.partial(_checkpointed, self.patch, module, module.forward)
             return executor(*args, **kwargs)
         finally:
             for module, previous in saved:
@@ -183,8 +198,9 @@ class TuningRun:
             modules = [unet.get_submodule(path) for path, _ in self.patch.blocks]
             if self.patch.temporal is not None:
                 modules += [self.patch.temporal.block(path) for path, _ in self.patch.blocks]
+            modules += [m for m in unet.modules() if isinstance(m, ResBlock)]
             self.model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CHECKPOINT_KEY,
-                                            Checkpointing(modules))
+                                            Checkpointing(modules, self.patch))
 
     def _wrap(self, key, function):
         self.model.add_weight_wrapper(key, function)

@@ -9,6 +9,7 @@ import torch
 
 import comfy.model_management
 import comfy.model_sampling
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
 import tavlib
 
@@ -170,8 +171,10 @@ def test_every_trainable_tensor_gets_a_gradient_with_and_without_checkpointing(b
                 store.update({k: None if p.grad is None else p.grad.clone() for k, p in params.items()})
         tune(base, trainable="attention+temporal", gradient_checkpointing=checkpointing, callback=grab)
         blocks = len(list(up.transformer_blocks(base.model.diffusion_model)))
-        # transformer blocks and temporal attention, 2 steps; always non-reentrant
-        assert len(calls) == (4 * blocks if checkpointing else 0) and all(not k["use_reentrant"] for k in calls)
+        res = sum(isinstance(m, ResBlock) for m in base.model.diffusion_model.modules())
+        # transformer blocks, temporal attention and res blocks, 2 steps; always non-reentrant
+        assert len(calls) == (2 * (2 * blocks + res) if checkpointing else 0)
+        assert all(not k["use_reentrant"] for k in calls)
         missing = [k for k, g in grads[checkpointing].items() if g is None or not g.abs().max() > 0]
         assert missing == [], f"checkpointing={checkpointing}: no gradient for {missing}"
     deltas, _ = expected_keys(base, "attention+temporal")
@@ -179,6 +182,13 @@ def test_every_trainable_tensor_gets_a_gradient_with_and_without_checkpointing(b
     assert any(k.startswith("diffusion_model.input_blocks") for k in grads[True])  # the down blocks too
     for k in grads[False]:
         assert torch.allclose(grads[True][k], grads[False][k], rtol=1e-4, atol=1e-7), k
+    if attention == "comfy_default":
+        # control (TAVConfig's frame_shared_norm=True): res blocks recomputed without the frame-shared
+        # GroupNorm hooks of their forward (gone after the UNet call) do not reproduce it
+        monkeypatch.setattr(up.TAVPatch, "norm_hooks_in", lambda self, module: [])
+        with pytest.raises(torch.utils.checkpoint.CheckpointError):
+            tune(base, trainable="attention+temporal", gradient_checkpointing=True)
+        assert_no_leftovers(base)
     if attention == "sdpa" and tc._SELECTIVE is not None:
         must_save = torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
         assert must_save in kept and any(p != must_save for p in kept)
