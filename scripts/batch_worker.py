@@ -143,10 +143,11 @@ class BatchWorker:
         checkpoint, timeout} -> result {status, videos, adapter, tuned, timings, scores, error}."""
         t0 = time.monotonic()
         res = {"worker": self.index, "host": self.host, "server": self.url}
-        if self.server is not None and self.server.proc.poll() is not None:
-            self.restarts += 1  # lost it during an earlier edit: a fresh server before this one
-            self._start()
         try:
+            if self.server is not None and not self.alive():  # lost during an earlier edit: a fresh one
+                self.server.stop()  # a killed server may still be exiting: wait for it (port, memory)
+                self.restarts += 1
+                self._start()
             res.update(self._run(job))
             res["status"] = "ok"
         except Exception as e:  # noqa: BLE001  one item's failure must not stop the worker
