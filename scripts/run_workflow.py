@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_runtime  # noqa: E402
 from comfy_client import Client, WorkflowError, locate, output_files, run_prompt  # noqa: E402,F401
-from workflow_substitute import nodes_of, substitute  # noqa: E402,F401
+from workflow_substitute import substitute  # noqa: E402
 
 
 # --- the command line ---------------------------------------------------------------------

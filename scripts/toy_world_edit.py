@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_toy_world  # noqa: E402
 import comfy_runtime  # noqa: E402
-import run_workflow  # noqa: E402
+import workflow_substitute  # noqa: E402
 
 FRAMES, SIZE = 8, build_toy_world.FRAME_SIZE
 WORKFLOW = comfy_runtime.PACK_DIR / "workflows" / "tav_tune_and_edit_api.json"
@@ -38,20 +38,20 @@ METHODS = {"tune_a_video": "Tune-A-Video (tuned, inverted)", "no_inversion": "Tu
 
 def edit_graph(clip_dir: str, ckpt: str, source_prompt: str, edited: str, a) -> dict:
     """The shipped workflow with the toy settings, plus both baselines and a SaveImage per method."""
-    p = run_workflow.substitute(json.loads(WORKFLOW.read_text()), video=clip_dir, positive=edited,
+    p = workflow_substitute.substitute(json.loads(WORKFLOW.read_text()), video=clip_dir, positive=edited,
                                 source_prompt=source_prompt, checkpoint=ckpt, frames=FRAMES, width=SIZE,
                                 height=SIZE, steps=a.steps, cfg=a.cfg, tune_steps=a.tune_steps,
                                 precision="fp32", seed=a.seed, filename_prefix="toy_world/tune_edit")
-    (load,) = run_workflow.nodes_of(p, "TuneAVideoLoadFrames")
-    (tune,) = run_workflow.nodes_of(p, "TuneAVideoTune")
-    (sampler,) = run_workflow.nodes_of(p, "TuneAVideoSampler")
-    (invert,) = run_workflow.nodes_of(p, "TuneAVideoInvert")
+    (load,) = workflow_substitute.nodes_of(p, "TuneAVideoLoadFrames")
+    (tune,) = workflow_substitute.nodes_of(p, "TuneAVideoTune")
+    (sampler,) = workflow_substitute.nodes_of(p, "TuneAVideoSampler")
+    (invert,) = workflow_substitute.nodes_of(p, "TuneAVideoInvert")
     p[load]["inputs"]["select_every_nth"] = 1
     p[tune]["inputs"].update(learning_rate=a.lr, seed=a.seed)
     s = p[sampler]["inputs"]
-    ckpt_model = [run_workflow.nodes_of(p, "CheckpointLoaderSimple")[0], 0]
+    ckpt_model = [workflow_substitute.nodes_of(p, "CheckpointLoaderSimple")[0], 0]
     vae = [ckpt_model[0], 2]
-    decoded = {"tune_a_video": [run_workflow.nodes_of(p, "VAEDecode")[0], 0]}
+    decoded = {"tune_a_video": [workflow_substitute.nodes_of(p, "VAEDecode")[0], 0]}
     p["100"] = {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": FRAMES}}
     p["101"] = {"class_type": "TuneAVideoSampler", "inputs": {**s, "latent": ["100", 0]}}
     p["102"] = {"class_type": "VAEDecode", "inputs": {"samples": ["101", 0], "vae": vae}}

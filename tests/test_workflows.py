@@ -10,6 +10,7 @@ import pytest
 import api_to_ui
 import make_sample_clip
 import run_workflow
+import workflow_substitute
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 API_FILES = sorted((PACK_DIR / "workflows").glob("*_api.json"))
@@ -128,10 +129,10 @@ def test_substitute_finds_nodes_by_type():
     # share one empty-prompt encoder between inversion and negative, under unusual ids
     api = {f"n{k}": {**v, "inputs": {name: ([f"n{x[0]}", x[1]] if isinstance(x, list) else x)
                                      for name, x in v["inputs"].items()}} for k, v in api.items()}
-    sampler = run_workflow.nodes_of(api, "TuneAVideoSampler")[0]
-    invert = run_workflow.nodes_of(api, "TuneAVideoInvert")[0]
+    sampler = workflow_substitute.nodes_of(api, "TuneAVideoSampler")[0]
+    invert = workflow_substitute.nodes_of(api, "TuneAVideoInvert")[0]
     api[invert]["inputs"]["conditioning"] = list(api[sampler]["inputs"]["negative"])
-    out = run_workflow.substitute(api, positive="a cat", source_prompt="a ball", negative="blurry",
+    out = workflow_substitute.substitute(api, positive="a cat", source_prompt="a ball", negative="blurry",
                                   seed=5, steps=3, frames=6, width=96, height=80, video="x.mp4")
 
     def text(node, name):
@@ -140,31 +141,31 @@ def test_substitute_finds_nodes_by_type():
     assert (text(sampler, "positive"), text(sampler, "negative"), text(invert, "conditioning")) == \
         ("a cat", "blurry", "a ball")
     assert out[sampler]["inputs"]["steps"] == out[invert]["inputs"]["steps"] == 3
-    frames = out[run_workflow.nodes_of(out, "TuneAVideoLoadFrames")[0]]["inputs"]
+    frames = out[workflow_substitute.nodes_of(out, "TuneAVideoLoadFrames")[0]]["inputs"]
     assert (frames["video"], frames["frame_load_cap"], frames["width"], frames["height"]) == ("x.mp4", 6, 96, 80)
     assert api[sampler]["inputs"]["seed"] == 33, "substitute must not modify its input"
     t2v = json.loads((PACK_DIR / "workflows" / "tav_text_to_video_api.json").read_text())
     with pytest.raises(run_workflow.WorkflowError, match="TuneAVideoLoadFrames"):
-        run_workflow.substitute(t2v, video="x.mp4")
-    latent = run_workflow.substitute(t2v, frames=5)[run_workflow.nodes_of(t2v, "EmptyLatentImage")[0]]
+        workflow_substitute.substitute(t2v, video="x.mp4")
+    latent = workflow_substitute.substitute(t2v, frames=5)[workflow_substitute.nodes_of(t2v, "EmptyLatentImage")[0]]
     assert latent["inputs"]["batch_size"] == 5
     with pytest.raises(run_workflow.WorkflowError, match="TuneAVideoTune"):
-        run_workflow.substitute(t2v, tune_steps=3)
+        workflow_substitute.substitute(t2v, tune_steps=3)
 
 
 def test_substitute_tuning_workflow():
     api = json.loads((PACK_DIR / "workflows" / "tav_tune_and_edit_api.json").read_text())
-    out = run_workflow.substitute(api, source_prompt="a ball", steps=3, tune_steps=7, precision="fp32")
-    tune = out[run_workflow.nodes_of(out, "TuneAVideoTune")[0]]["inputs"]
-    invert = out[run_workflow.nodes_of(out, "TuneAVideoInvert")[0]]["inputs"]
-    sampler = out[run_workflow.nodes_of(out, "TuneAVideoSampler")[0]]["inputs"]
+    out = workflow_substitute.substitute(api, source_prompt="a ball", steps=3, tune_steps=7, precision="fp32")
+    tune = out[workflow_substitute.nodes_of(out, "TuneAVideoTune")[0]]["inputs"]
+    invert = out[workflow_substitute.nodes_of(out, "TuneAVideoInvert")[0]]["inputs"]
+    sampler = out[workflow_substitute.nodes_of(out, "TuneAVideoSampler")[0]]["inputs"]
     assert (tune["steps"], tune["precision"], tune["prompt_text"]) == (7, "fp32", "a ball")
     assert out[tune["positive"][0]]["inputs"]["text"] == "a ball"
     assert out[invert["conditioning"][0]]["inputs"]["text"] == ""  # TAV inverts with the empty prompt
     assert sampler["steps"] == invert["steps"] == 3
-    assert tune["model"] == api[run_workflow.nodes_of(api, "TuneAVideoTune")[0]]["inputs"]["model"]
-    assert invert["model"][0] == sampler["model"][0] == run_workflow.nodes_of(out, "TuneAVideoTune")[0]
-    kept = run_workflow.substitute(api, steps=3)[run_workflow.nodes_of(api, "TuneAVideoTune")[0]]["inputs"]
+    assert tune["model"] == api[workflow_substitute.nodes_of(api, "TuneAVideoTune")[0]]["inputs"]["model"]
+    assert invert["model"][0] == sampler["model"][0] == workflow_substitute.nodes_of(out, "TuneAVideoTune")[0]
+    kept = workflow_substitute.substitute(api, steps=3)[workflow_substitute.nodes_of(api, "TuneAVideoTune")[0]]["inputs"]
     assert (kept["steps"], kept["learning_rate"], kept["precision"]) == (500, 3e-5, "bf16")
 
 
@@ -174,9 +175,9 @@ def test_substitute_tuning_workflow():
 def test_api_workflow_runs(api_path, server, sample_clip, random_checkpoint):
     api = json.loads(api_path.read_text())
     client = run_workflow.Client(server.url)
-    video = client.upload(sample_clip) if run_workflow.nodes_of(api, "TuneAVideoLoadFrames") else None
-    tunes = bool(run_workflow.nodes_of(api, "TuneAVideoTune"))
-    prompt = run_workflow.substitute(api, video=video, checkpoint=random_checkpoint.name, **SMALL,
+    video = client.upload(sample_clip) if workflow_substitute.nodes_of(api, "TuneAVideoLoadFrames") else None
+    tunes = bool(workflow_substitute.nodes_of(api, "TuneAVideoTune"))
+    prompt = workflow_substitute.substitute(api, video=video, checkpoint=random_checkpoint.name, **SMALL,
                                      **(SMALL_TUNE if tunes else {}))
     entry = run_workflow.run_prompt(client, prompt, timeout=900)
     files = run_workflow.output_files(entry)
