@@ -46,7 +46,9 @@ def key_frames(positions: tuple[int, ...], mode: str, radius: int = 1) -> list[l
 def _groups(positions: tuple[int, ...], mode: str, radius: int) -> tuple:
     """Frames grouped by how many key frames they use, so each group is one batched attention:
     ((query frames), (key frames of each query frame)) per group. Plain ints: the cache holds no tensors."""
-    keys = key_frames(positions, mode, radius)
+    # A key frame listed twice (sparse_causal's frames 0 and 1 attend to [0, 0]) is attended once: softmax
+    # over duplicated keys gives each copy half the weight, so the result is the same at half the cost.
+    keys = [list(dict.fromkeys(k)) for k in key_frames(positions, mode, radius)]
     groups: dict[int, list[int]] = {}
     for i, k in enumerate(keys):
         groups.setdefault(len(k), []).append(i)

@@ -10,7 +10,8 @@ the mechanism of core's own trainer), which run inside ComfyUI's weight cast at 
 The loaded weights are what ComfyUI's own loading makes of this clone: the checkpoint's unpatched
 weights (restored from the patcher's backup when another clone of the checkpoint was loaded before,
 LoRA'd, tuned or cancelled) plus this model's own patches. The temporal attention is the clone's own copy.
-Gradient checkpointing (non-reentrant) covers transformer blocks, temporal attention and res blocks.
+Gradient checkpointing (non-reentrant) covers transformer blocks, temporal attention and res blocks;
+it keeps frame-attention and convolution outputs and recomputes the rest (see _keep_attention).
 """
 from __future__ import annotations
 
@@ -62,13 +63,20 @@ def _attention_ops() -> frozenset:
 
 def _keep_attention(ctx, op, *args, **kwargs):
     """Selective checkpointing policy: keep the outputs of fused attention over at least as many keys as
-    queries (frame attention: tokens x channels, plus the softmax statistics), recompute everything else.
-    That attention is a third or more of a transformer block's FLOPs at SD resolutions; cross-attention
-    (77 keys) and temporal attention (F keys) are cheap to recompute and are not kept."""
+    queries (frame attention: tokens x channels, plus the softmax statistics) and of convolutions,
+    recompute everything else. That attention is a third or more of a transformer block's FLOPs at SD
+    resolutions; cross-attention (77 keys) and temporal attention (F keys) are cheap to recompute and are
+    not kept. A res block then recomputes only its norms and activations (cheap, elementwise) and still
+    drops their saved tensors: on the CPU benchmark 1 s less per step for +9 % peak memory."""
     policy = torch.utils.checkpoint.CheckpointPolicy
     if op in _ATTENTION_OPS and args[1].shape[-2] >= args[0].shape[-2]:  # (batch, heads, tokens, dim)
         return policy.MUST_SAVE
+    if op is _CONVOLUTION:
+        return policy.MUST_SAVE
     return policy.PREFER_RECOMPUTE
+
+
+_CONVOLUTION = torch.ops.aten.convolution.default
 
 
 _ATTENTION_OPS = _attention_ops()

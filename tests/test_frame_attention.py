@@ -211,3 +211,22 @@ def test_cached_frame_groups_hold_no_tensors():
         fa.frame_attention(*(torch.randn(5, 4, 8) for _ in range(3)), 2, 1, (0, 2, 3, 4, 7), mode, radius=1)
         groups = fa._groups((0, 2, 3, 4, 7), mode, 1)
         assert groups and all(type(v) is int for v in leaves(groups)), mode
+
+
+def test_sparse_causal_attends_a_repeated_key_frame_once():
+    """Frames 0 and 1 attend to [frame 0, frame 0]: one call over frame 0's keys, the rest over two frames
+    (the matches-reference test above checks the result equals attention over the duplicated keys)."""
+    calls = []
+
+    def spy(q, k, v, heads, **kwargs):
+        calls.append((q.shape, k.shape))
+        return torch.nn.functional.scaled_dot_product_attention(
+            *(t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        ).transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+    q, k, v = (torch.randn(2 * 6, 4, 8) for _ in range(3))
+    out = fa.frame_attention(q, k, v, 2, 2, tuple(range(6)), "sparse_causal", attention=spy)
+    assert sorted(calls) == sorted([(torch.Size([2, 2 * 4, 8]), torch.Size([2, 4, 8])),
+                                    (torch.Size([2 * 4, 4, 8]), torch.Size([2 * 4, 2 * 4, 8]))])
+    want = reference_attention(q, k, v, 2, 2, "sparse_causal", 1)
+    assert (out.double() - want).abs().max().item() <= 1e-5
