@@ -75,7 +75,7 @@ class TuneAVideoToyWorldScore:
         return {"required": {
             "edited": ("IMAGE", {"tooltip": "The edited clip's frames."}),
             "source": ("IMAGE", {"tooltip": "The source clip's frames (same count and size)."}),
-            "prompt": ("STRING", {"default": "a blue square", "tooltip":
+            "prompt": ("STRING", {"default": "a blue ring", "tooltip":
                                   "The edited prompt: one colour and one shape of the toy world."}),
         }}
 

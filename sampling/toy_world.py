@@ -6,7 +6,7 @@ a colour, a shape, a size (object_size(frame_size), the same for every shape) an
 centroid in pixels (x, y). A clip is the object moved along a trajectory (TRAJECTORIES).
 
     frames = render_clip("red", "circle", "left_to_right", frames=8, frame_size=64)  # [8, 64, 64, 3]
-    scores = score_edit(edited_frames, frames, "blue", "square")
+    scores = score_edit(edited_frames, frames, "blue", "ring")
 
 Frames are ComfyUI IMAGE tensors: float [frames, height, width, 3] in 0..1.
 """
@@ -18,11 +18,15 @@ import torch
 
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
            "yellow": (1.0, 1.0, 0.0)}
-SHAPES = ("circle", "square", "triangle")
+# Shapes that differ at the scale of the 12x12 latent grid (4.8 cells per object): a disc, a ring (a hole of
+# 2.4 cells) and a flat bar (aspect 25:8). Squares and triangles, which differ from a disc only in their corners,
+# were drawn as blobs by a UNet trained within the CPU budget (v3: 32 % each, circles 100 %).
+SHAPES = ("circle", "ring", "bar")
 SIZE_FRACTION = 0.4  # object size / frame size: 38.4 px at 96x96, 4.8 latent cells
-# Area of each shape / size^2 (triangle: equilateral, side = size, centred on its centroid).
-AREA_FACTOR = {"circle": math.pi / 4, "square": 1.0, "triangle": math.sqrt(3) / 4}
-_TRI_HEIGHT = math.sqrt(3) / 2
+RING_HOLE = 0.5      # ring: inner diameter / outer diameter (= size)
+BAR_WIDTH, BAR_HEIGHT = 1.25, 0.4  # bar: width and height / size
+# Area of each shape / size^2.
+AREA_FACTOR = {"circle": math.pi / 4, "ring": math.pi / 4 * (1 - RING_HOLE ** 2), "bar": BAR_WIDTH * BAR_HEIGHT}
 
 # Named paths in unit coordinates (0..1 of the range where the object stays inside the frame).
 TRAJECTORIES = {
@@ -59,15 +63,17 @@ def object_size(frame_size: int) -> float:
 
 
 def position_range(frame_size: int) -> tuple[float, float]:
-    """Lowest and highest centroid coordinate that keeps every shape inside the frame (1 px margin)."""
-    reach = object_size(frame_size) * max(0.5, _TRI_HEIGHT * 2 / 3)  # the triangle's apex reaches furthest
+    """Lowest and highest centroid coordinate (both axes) that keeps every shape inside the frame (1 px margin)."""
+    reach = object_size(frame_size) * max(0.5, BAR_WIDTH / 2)  # the bar's ends reach furthest
     return reach + 1, frame_size - reach - 1
 
 
 def shape_masks(shapes, centres, frame_size: int, size: float | None = None) -> torch.Tensor:
     """Bool masks [N, frame_size, frame_size]: shapes[i] with its area centroid at centres[i] = (x, y).
 
-    Pixel (row, col) covers [col, col+1) x [row, row+1); it is inside when its centre is.
+    Pixel (row, col) covers [col, col+1) x [row, row+1); it is inside when its centre is. Every shape is
+    centred on its centroid: circle (diameter size), ring (the same with a hole of RING_HOLE * size), bar
+    (BAR_WIDTH * size wide, BAR_HEIGHT * size high).
     """
     size = object_size(frame_size) if size is None else size
     c = torch.stack([torch.as_tensor(p, dtype=torch.float32).reshape(2) for p in centres])
@@ -75,13 +81,12 @@ def shape_masks(shapes, centres, frame_size: int, size: float | None = None) -> 
     dx = grid.view(1, 1, -1) - c[:, 0].view(-1, 1, 1)
     dy = grid.view(1, -1, 1) - c[:, 1].view(-1, 1, 1)
     half = size / 2
-    circle = dx ** 2 + dy ** 2 <= half ** 2
-    square = (dx.abs() <= half) & (dy.abs() <= half)
-    height = size * _TRI_HEIGHT  # apex up, centroid 2/3 of the height below the apex
-    down = dy + height * 2 / 3  # distance below the apex
-    triangle = (down >= 0) & (down <= height) & (dx.abs() <= down / height * half)
+    r2 = dx ** 2 + dy ** 2
+    circle = r2 <= half ** 2
+    ring = circle & (r2 > (half * RING_HOLE) ** 2)
+    bar = (dx.abs() <= half * BAR_WIDTH) & (dy.abs() <= half * BAR_HEIGHT)
     index = torch.tensor([SHAPES.index(s) for s in shapes]).view(-1, 1, 1)
-    return torch.where(index == 0, circle, torch.where(index == 1, square, triangle))
+    return torch.where(index == 0, circle, torch.where(index == 1, ring, bar))
 
 
 def render(colours, shapes, centres, frame_size: int = 64) -> torch.Tensor:

@@ -24,9 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_runtime  # noqa: E402
 
-VERSION = 2  # bump when the recipe changes: the cached file name changes with it
+VERSION = 4  # bump when the recipe changes: the cached file name changes with it
 FRAME_SIZE = 96
-DEFAULTS = {"steps": 400, "batch": 16, "lr": 5e-4, "seed": 0, "dropout": 0.1, "object_weight": 3.0}
+DEFAULTS = {"steps": 800, "batch": 16, "lr": 1e-3, "seed": 0, "dropout": 0.1, "object_weight": 3.0, "min_snr": 5.0}
 VOCAB_NORM = 256.0  # norm of each vocabulary word's token embedding (the random CLIP's rows: about 0.55)
 TOKEN_EMBEDDING = "cond_stage_model.transformer.embeddings.token_embedding.weight"
 
@@ -116,7 +116,7 @@ def object_weights(frames, weight: float):
 
 
 def train_unet(unet, contexts, empty, toy_world, toy_vae, steps, batch, lr, seed, dropout, log=print,
-               snapshot=None, object_weight=0.0):
+               snapshot=None, object_weight=0.0, min_snr=0.0):
     """Train unet (in place, fp32) to predict the noise of rendered toy-world latents. Returns the loss log."""
     import torch
 
@@ -148,6 +148,8 @@ def train_unet(unet, contexts, empty, toy_world, toy_vae, steps, batch, lr, seed
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls (AMX where the CPU has it)
             pred = unet(xt, timesteps=t.float(), context=ctx)
+        if min_snr:  # min-SNR-gamma weighting (Hang et al. 2023): less weight on the nearly clean steps
+            w = w * (min_snr / (a / (1 - a))).clamp(max=1)
         loss = (w * (pred.float() - noise) ** 2).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,7 +210,7 @@ def build(force=False, log=print, path: Path | None = None, **overrides) -> Path
     partial = path.with_name(path.stem + "_partial.safetensors")  # snapshots while training, for a look
     losses = train_unet(unet, contexts, empty, toy_world, toy_vae, cfg["steps"], cfg["batch"], cfg["lr"],
                         cfg["seed"], cfg["dropout"], log, (50, lambda n, ls: save(partial, n, ls)),
-                        cfg["object_weight"])
+                        cfg["object_weight"], cfg["min_snr"])
     meta = save(path, cfg["steps"], losses)
     partial.unlink(missing_ok=True)
     log(f"toy world: built in {meta['build_wall_s']} s wall, {meta['build_cpu_s']} s CPU -> {path}")
@@ -223,19 +225,26 @@ def generate(path: Path, texts, samples: int, seed=0, steps=20, cfg=7.5):
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path))
     out = {}
-    for i, text in enumerate(texts):
-        pos = [[clip.encode_from_tokens(clip.tokenize(text)), {}]]
-        neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
-        images = []
-        for chunk in range(0, samples, 4):
-            latent = torch.zeros(min(4, samples - chunk), 4, FRAME_SIZE // 8, FRAME_SIZE // 8)
-            noise = comfy.sample.prepare_noise(latent, seed + 1000 * i + chunk)
-            out_latent = comfy.sample.sample(model, noise, steps, cfg, "ddim", "ddim_uniform", pos, neg, latent,
-                                             seed=seed + i, disable_pbar=True)
-            # one frame per decode: batched decodes here grew the process past 18 GB (not investigated)
-            images += [vae.decode(out_latent[k:k + 1]) for k in range(len(out_latent))]
-        out[text] = torch.cat(images)
+    with torch.inference_mode():  # as ComfyUI runs nodes; outside it the sampler's autograd graph grew past 20 GB
+        for i, text in enumerate(texts):
+            out[text] = _generate_one(model, clip, vae, text, samples, seed + 1000 * i, seed + i, steps, cfg)
     return out
+
+
+def _generate_one(model, clip, vae, text, samples, noise_seed, seed, steps, cfg):
+    import torch
+    import comfy.sample
+
+    pos = [[clip.encode_from_tokens(clip.tokenize(text)), {}]]
+    neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
+    images = []
+    for chunk in range(0, samples, 4):
+        latent = torch.zeros(min(4, samples - chunk), 4, FRAME_SIZE // 8, FRAME_SIZE // 8)
+        noise = comfy.sample.prepare_noise(latent, noise_seed + chunk)
+        out_latent = comfy.sample.sample(model, noise, steps, cfg, "ddim", "ddim_uniform", pos, neg, latent,
+                                         seed=seed, disable_pbar=True)
+        images.append(vae.decode(out_latent))
+    return torch.cat(images)
 
 
 def evaluate(path: Path, samples: int, log=print, steps=20, cfg=7.5) -> dict:
@@ -261,6 +270,7 @@ def main(argv=None) -> int:
     for key, value in DEFAULTS.items():
         p.add_argument(f"--{key}", type=type(value), help=f"default {value}")
     p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps when evaluating")
+    p.add_argument("--eval-cfg", type=float, default=7.5, help="classifier-free guidance when evaluating")
     p.add_argument("--checkpoint", type=Path, help="evaluate this file instead of building")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     a = p.parse_args(argv)
@@ -270,7 +280,7 @@ def main(argv=None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     path = a.checkpoint or build(a.force, log, **{k: getattr(a, k) for k in DEFAULTS})
     if a.evaluate:
-        evaluate(path, a.evaluate, log, steps=a.eval_steps)
+        evaluate(path, a.evaluate, log, steps=a.eval_steps, cfg=a.eval_cfg)
     print(path)
     return 0
 

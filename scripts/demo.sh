@@ -13,9 +13,9 @@ adapter and the video were written. The first run builds .venv (CPU PyTorch, Com
 and fetches ComfyUI 0.3.75 into .cache; nothing comes from model hubs.
 
   (no --ckpt)      the toy world (README "The toy world"): builds its checkpoint on the first run
-                   (about 15 min of CPU; cached in .cache/toy_world/), tunes on a green square moving
-                   along an arc, edits it to --prompt (default "a yellow square"; any "a <red|green|
-                   blue|yellow> <circle|square|triangle>") and prints the edit's scores. Other options
+                   (about 15 min of CPU; cached in .cache/toy_world/), tunes on a green ring moving
+                   along an arc, edits it to --prompt (default "a yellow ring"; any "a <red|green|
+                   blue|yellow> <circle|ring|bar>") and prints the edit's scores. Other options
                    go to scripts/toy_world_edit.py (--tune-steps, --steps, --seed).
   --ckpt FILE      an SD1.5 checkpoint file (.safetensors): Tune-A-Video's settings (tune 500 steps,
                    24 frames at 512x512, 50 DDIM steps, cfg 12.5; a GPU job) on a generated 2-second

@@ -27,10 +27,10 @@ import workflow_substitute  # noqa: E402
 FRAMES, SIZE = 8, build_toy_world.FRAME_SIZE
 WORKFLOW = comfy_runtime.PACK_DIR / "workflows" / "tav_tune_and_edit_api.json"
 EDITS = [  # (source colour, shape, trajectory), edited prompts: colour, shape, both
-    (("green", "square", "arc"), ["a yellow square", "a green circle", "a blue triangle"]),
-    (("blue", "triangle", "zigzag"), ["a red triangle", "a blue square", "a yellow circle"]),
-    (("yellow", "circle", "anti_diagonal"), ["a green circle", "a yellow triangle", "a red square"]),
-    (("red", "square", "circle"), ["a blue square", "a red circle", "a green triangle"]),
+    (("green", "ring", "arc"), ["a yellow ring", "a green circle", "a blue bar"]),
+    (("blue", "bar", "zigzag"), ["a red bar", "a blue ring", "a yellow circle"]),
+    (("yellow", "circle", "anti_diagonal"), ["a green circle", "a yellow bar", "a red ring"]),
+    (("red", "ring", "circle"), ["a blue ring", "a red circle", "a green bar"]),
 ]
 METHODS = {"tune_a_video": "Tune-A-Video (tuned, inverted)", "no_inversion": "Tune-A-Video, random start noise",
            "per_frame": "untuned, unpatched, per-frame inversion"}
@@ -147,8 +147,8 @@ def table(rows) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--demo", action="store_true", help="one edit only: a green square on an arc")
-    p.add_argument("--prompt", help="with --demo: the edited prompt (default 'a yellow square')")
+    p.add_argument("--demo", action="store_true", help="one edit only: a green ring on an arc")
+    p.add_argument("--prompt", help="with --demo: the edited prompt (default 'a yellow ring')")
     p.add_argument("--checkpoint", help="a toy-world checkpoint (default: build or reuse the cached one)")
     p.add_argument("--tune-steps", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-4, help="tuning learning rate")

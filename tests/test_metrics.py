@@ -111,13 +111,13 @@ def test_text_alignment_node_on_the_checkpoint_clip(nodes, tiny_clip_vision, ran
 def test_toy_world_score_node_exact_values(nodes):
     tw = tavlib.pack_module("sampling.toy_world")
     source = tw.render_clip("red", "circle", "left_to_right", 8, 96)
-    edited = tw.render_clip("blue", "square", "left_to_right", 8, 96)
+    edited = tw.render_clip("blue", "ring", "left_to_right", 8, 96)
     node = nodes.TuneAVideoToyWorldScore()
-    acc, motion, colour_spread, size_spread, kept, report, strip = node.score(edited, source, "a blue square")
+    acc, motion, colour_spread, size_spread, kept, report, strip = node.score(edited, source, "a blue ring")
     assert (acc, colour_spread, kept) == (1.0, 0.0, 1.0)
     assert motion < 0.5 and size_spread < 0.02 and "edit_accuracy 1" in report  # pixel-grid area jitter
     assert strip.shape == (1, 2 * 96, 8 * 96, 3)
-    acc, *_ = node.score(edited, source, "a green square")
+    acc, *_ = node.score(edited, source, "a green ring")
     assert acc == 0.0
     with pytest.raises(ValueError, match="one colour"):
         node.score(edited, source, "a purple blob")

