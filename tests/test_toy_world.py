@@ -31,7 +31,8 @@ def test_renderer_places_every_object_where_asked(tw):
                 assert (found["colour"], found["shape"]) == (colour, shape)
                 assert math.dist(found["centre"], centre) < 0.6  # the area centroid, for every shape
                 expected = tw.AREA_FACTOR[shape] * tw.object_size(SIZE) ** 2
-                assert abs(found["area"] - expected) < 0.04 * expected
+                tolerance = 0.07 if shape == "bar" else 0.04  # the 15.4 px bar rasterises to 15 or 16 rows
+                assert abs(found["area"] - expected) < tolerance * expected
                 edge = torch.cat([frame[0], frame[-1], frame[:, 0], frame[:, -1]])
                 assert edge.max() == 0  # inside the frame, with a margin
 
