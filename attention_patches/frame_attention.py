@@ -152,6 +152,7 @@ def frame_attention(q, k, v, heads: int, clips: int, positions: tuple[int, ...],
             return o.reshape(clips * frames, n, -1)
         if out is None:
             out = o.new_empty(clips, frames, n, o.shape[-1])
-        for (start, first, _), end in zip(_runs(group), [r[0] for r in _runs(group)[1:]] + [g]):
+        runs = _runs(group)
+        for (start, first, _), end in zip(runs, [r[0] for r in runs[1:]] + [g]):
             out[:, first:first + end - start] = o.view(clips, g, n, -1)[:, start:end]
     return out.view(clips * frames, n, -1)

@@ -69,16 +69,12 @@ def _keep_attention(ctx, op, *args, **kwargs):
     not kept. A res block then recomputes only its norms and activations (cheap, elementwise) and still
     drops their saved tensors: on the CPU benchmark 1 s less per step for +9 % peak memory."""
     policy = torch.utils.checkpoint.CheckpointPolicy
-    if op in _ATTENTION_OPS and args[1].shape[-2] >= args[0].shape[-2]:  # (batch, heads, tokens, dim)
-        return policy.MUST_SAVE
-    if op is _CONVOLUTION:
+    if op is _CONVOLUTION or op in _ATTENTION_OPS and args[1].shape[-2] >= args[0].shape[-2]:  # (b, h, n, d)
         return policy.MUST_SAVE
     return policy.PREFER_RECOMPUTE
 
 
 _CONVOLUTION = torch.ops.aten.convolution.default
-
-
 _ATTENTION_OPS = _attention_ops()
 _SELECTIVE = getattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts", None)
 

@@ -21,6 +21,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_runtime  # noqa: E402
 from random_models import random_unet as build_model  # noqa: E402
 
+def best_time(fn, repeats: int, clock=time.process_time) -> float:
+    """Seconds of fn's fastest run of `repeats`, after one warm-up run. CPU time by default: comparable
+    on a loaded machine where wall time is not."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = clock()
+        fn()
+        times.append(clock() - t)
+    return min(times)
+
+
 def run_one(mode: str, frames: int, size: int, reduced: bool, device: str, repeats: int) -> dict:
     """In a child process: time one forward of a clip (the way samplers call the model)."""
     os.environ["TAV_DEVICE"] = device
@@ -59,17 +71,12 @@ def run_one(mode: str, frames: int, size: int, reduced: bool, device: str, repea
     else:
         import psutil
         base_mem = psutil.Process().memory_info().rss
-    forward()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        forward()
-        times.append(time.perf_counter() - t)
+    seconds = best_time(forward, repeats, time.perf_counter)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base_mem
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_mem  # RSS above the loaded model
-    return {"mode": mode, "frames": frames, "s_per_frame": min(times) / frames,
+    return {"mode": mode, "frames": frames, "s_per_frame": seconds / frames,
             "peak_mib": peak / 2**20, "attention": comfy_attention_name()}
 
 
@@ -100,15 +107,6 @@ def micro(frames: int, tokens: int, channels: int, heads: int, repeats: int, thr
             return comfy_attention.optimized_attention(q, k, v, heads)
         return fa.frame_attention(q, k, v, heads, 1, positions, mode)
 
-    def best(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.process_time()  # CPU time: comparable on a loaded machine
-            fn()
-            times.append(time.process_time() - t)
-        return 1000 * min(times)
-
     rows = []
     for mode in ("per_frame",) + tuple(modes):
         def forward():
@@ -118,7 +116,8 @@ def micro(frames: int, tokens: int, channels: int, heads: int, repeats: int, thr
         def backward():
             leaves = [t.clone().requires_grad_(True) for t in qkv]
             call(mode, *leaves).sum().backward()
-        rows.append({"mode": mode, "fwd_ms": best(forward), "fwdbwd_ms": best(backward)})
+        rows.append({"mode": mode, "fwd_ms": 1000 * best_time(forward, repeats),
+                     "fwdbwd_ms": 1000 * best_time(backward, repeats)})
     return rows
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -72,16 +71,6 @@ def _conds(ctx):
     return [[{"model_conds": {"c_crossattn": comfy.conds.CONDCrossAttn(ctx)}, "uuid": uuid.uuid4()}]]
 
 
-def _timed(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.process_time()
-        fn()
-        times.append(time.process_time() - t)
-    return min(times)
-
-
 def run_case(case: str, args) -> dict:
     """In a child process: build, load, then time `case`; seconds (best of repeats) and peak MiB."""
     comfy_runtime.import_comfy()
@@ -91,7 +80,7 @@ def run_case(case: str, args) -> dict:
     torch.set_num_threads(args.threads)
     import comfy.model_management
     import comfy.samplers
-    from benchmark_attention import build_model
+    from benchmark_attention import best_time, build_model
 
     pack = comfy_runtime.load_pack()
     g = torch.Generator().manual_seed(0)
@@ -118,7 +107,7 @@ def run_case(case: str, args) -> dict:
             def step():
                 with torch.no_grad():
                     ref.eps(unet, x0, 500, context)
-            return {"s": _timed(step, args.repeats), "peak": peak_rss() - base}
+            return {"s": best_time(step, args.repeats), "peak": peak_rss() - base}
         unet.requires_grad_(False)
         trainable = [p for n, p in unet.named_parameters()
                      if n.endswith(QUERIES) or ".tav_temporal.attn_temp." in n]
@@ -136,7 +125,7 @@ def run_case(case: str, args) -> dict:
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return {"s": _timed(step, args.repeats), "peak": peak_rss() - base}
+        return {"s": best_time(step, args.repeats), "peak": peak_rss() - base}
 
     if case == "infer_patched":
         up = sys.modules[pack.__name__ + ".attention_patches.unet_patch"]
@@ -173,7 +162,7 @@ def run_case(case: str, args) -> dict:
         def step():
             with torch.no_grad():
                 comfy.samplers.calc_cond_batch(model.model, conds, x0, ts, options)
-    return {"s": _timed(step, args.repeats), "peak": peak_rss() - base}
+    return {"s": best_time(step, args.repeats), "peak": peak_rss() - base}
 
 
 def run_children(args) -> dict:

@@ -226,17 +226,18 @@ def generate(path: Path, texts, samples: int, seed=0, steps=20, cfg=7.5):
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path))
     out = {}
     with torch.inference_mode():  # as ComfyUI runs nodes; outside it the sampler's autograd graph grew past 20 GB
+        neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
         for i, text in enumerate(texts):
-            out[text] = _generate_one(model, clip, vae, text, samples, seed + 1000 * i, seed + i, steps, cfg)
+            out[text] = _generate_one(model, clip, vae, text, neg, samples, seed + 1000 * i, seed + i, steps, cfg)
     return out
 
 
-def _generate_one(model, clip, vae, text, samples, noise_seed, seed, steps, cfg):
+def _generate_one(model, clip, vae, text, neg, samples, noise_seed, seed, steps, cfg):
+    """IMAGE [samples, H, W, 3] for one text, sampled 4 at a time (noise seeds noise_seed + chunk start)."""
     import torch
     import comfy.sample
 
     pos = [[clip.encode_from_tokens(clip.tokenize(text)), {}]]
-    neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
     images = []
     for chunk in range(0, samples, 4):
         latent = torch.zeros(min(4, samples - chunk), 4, FRAME_SIZE // 8, FRAME_SIZE // 8)
