@@ -29,7 +29,8 @@ class TuneAVideoApplyAttention:
                 "gives it weights (see temporal_init for the untuned layer)."}),
             "frame_shared_norm": ("BOOLEAN", {"default": True, "tooltip":
                 "Normalise res-block and output GroupNorms over all frames of a clip together, as "
-                "Tune-A-Video's inflated UNet does. Off: per-frame statistics (image model behaviour)."}),
+                "Tune-A-Video's inflated UNet does. Off: per-frame statistics (image model behaviour); try it "
+                "off if objects vanish from some frames (the toy world's UNet needs it off)."}),
         }, "optional": {
             "temporal_init": (list(TEMPORAL_INITS), {"default": "identity", "tooltip":
                 "Initial temporal attention (replaced by tuning or an adapter). identity: zero output projection, "

@@ -216,3 +216,28 @@ def test_runner_cli_fails_with_node_error(server):
     assert res.returncode == 1
     assert "ckpt_name" in res.stderr and "no_such_model.safetensors" in res.stderr, res.stderr
     assert res.stdout == ""
+
+
+# --- the toy world's scored edit graph (scripts/toy_world_edit.py) --------------------------------
+
+def test_toy_world_edit_graph_runs_every_method(server, random_checkpoint):
+    import argparse
+
+    import torch
+    import toy_world_edit
+
+    a = argparse.Namespace(demo=False, steps=2, cfg=3.0, tune_steps=2, lr=1e-4, seed=0)
+    (colour, shape, kind), targets = toy_world_edit.EDITS[0]
+    source, clip_dir = toy_world_edit.write_clip(server.base_dir, colour, shape, kind)
+    results, clips = toy_world_edit.edit_once(server, a, random_checkpoint.name, source, clip_dir, colour,
+                                              shape, kind, targets[0])
+    assert set(clips) == {"source", *toy_world_edit.METHODS}
+    for method in toy_world_edit.METHODS:
+        assert clips[method].shape == (toy_world_edit.FRAMES, toy_world_edit.SIZE, toy_world_edit.SIZE, 3)
+        assert 0 <= results[method]["edit_accuracy"] <= 1
+    # Same tuning seed and settings; only the GroupNorm differs (per frame vs frame-shared)
+    assert not torch.equal(clips["tune_a_video"], clips["shared_norm"])
+    norms = {n["inputs"]["frame_shared_norm"] for n in toy_world_edit.edit_graph(
+        clip_dir, "x.safetensors", "a red ring", "a red bar", argparse.Namespace(**{**vars(a), "demo": True})
+    ).values() if n["class_type"] == "TuneAVideoApplyAttention"}
+    assert norms == {False}  # the demo runs the toy setting only
