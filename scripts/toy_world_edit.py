@@ -55,6 +55,8 @@ def edit_graph(clip_dir: str, ckpt: str, source_prompt: str, edited: str, a) -> 
     # some frames (README, the toy world), so the toy setting normalises each frame on its own.
     p[apply]["inputs"]["frame_shared_norm"] = False
     p[tune]["inputs"].update(learning_rate=a.lr, seed=a.seed, gradient_checkpointing=False)
+    if a.invert_with == "source":  # invert with the clip's own prompt (TAV inverts with ""): the edit keeps
+        p[invert]["inputs"]["conditioning"] = p[tune]["inputs"]["positive"]  # the motion (README)
     s = p[sampler]["inputs"]
     ckpt_model = [workflow_substitute.nodes_of(p, "CheckpointLoaderSimple")[0], 0]
     vae = [ckpt_model[0], 2]
@@ -191,6 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-4, help="tuning learning rate")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (inversion and sampling)")
     p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--invert-with", choices=("source", "empty"), default="source",
+                   help="the prompt DDIM inversion conditions on: the source clip's (default) or \"\" (TAV's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-dir", type=Path, default=comfy_runtime.PACK_DIR / "out" / "toy_world" / "comfy")
     a = p.parse_args(argv)

@@ -226,7 +226,7 @@ def test_toy_world_edit_graph_runs_every_method(server, random_checkpoint):
     import torch
     import toy_world_edit
 
-    a = argparse.Namespace(demo=False, steps=2, cfg=3.0, tune_steps=2, lr=1e-4, seed=0)
+    a = argparse.Namespace(demo=False, steps=2, cfg=3.0, tune_steps=2, lr=1e-4, seed=0, invert_with="source")
     (colour, shape, kind), targets = toy_world_edit.EDITS[0]
     source, clip_dir = toy_world_edit.write_clip(server.base_dir, colour, shape, kind)
     results, clips = toy_world_edit.edit_once(server, a, random_checkpoint.name, source, clip_dir, colour,
