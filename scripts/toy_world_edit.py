@@ -10,6 +10,7 @@ scored from its frames alone (sampling/toy_world.py: edit accuracy, motion error
 background kept).
 
     python scripts/toy_world_edit.py                    # all 12 edits; table + strip in out/toy_world/
+    python scripts/toy_world_edit.py --fresh            # 12 more edits, not used to choose the settings
     python scripts/toy_world_edit.py --demo             # one edit, prints its scores and the video path
     python scripts/toy_world_edit.py --checkpoint other.safetensors --tune-steps 100 --lr 1e-4 --cfg 7.5
 """
@@ -33,6 +34,13 @@ EDITS = [  # (source colour, shape, trajectory), edited prompts: colour, shape, 
     (("blue", "bar", "zigzag"), ["a red bar", "a blue ring", "a yellow circle"]),
     (("yellow", "circle", "anti_diagonal"), ["a green circle", "a yellow bar", "a red ring"]),
     (("red", "ring", "circle"), ["a blue ring", "a red circle", "a green bar"]),
+]
+# 12 more, looked at only after the toy settings were chosen on EDITS: how far those settings carry.
+FRESH_EDITS = [
+    (("red", "circle", "right_to_left"), ["a blue circle", "a red bar", "a green ring"]),
+    (("yellow", "ring", "top_to_bottom"), ["a red ring", "a yellow circle", "a blue bar"]),
+    (("blue", "circle", "diagonal"), ["a yellow circle", "a blue ring", "a red bar"]),
+    (("green", "bar", "bottom_to_top"), ["a blue bar", "a green circle", "a yellow ring"]),
 ]
 METHODS = {"tune_a_video": "Tune-A-Video (tuned, inverted; per-frame GroupNorm)",
            "shared_norm": "Tune-A-Video, frame-shared GroupNorm (the official inflated UNet's)",
@@ -136,7 +144,8 @@ def run(a) -> list[dict]:
     from PIL import Image
 
     ckpt = Path(a.checkpoint) if a.checkpoint else build_toy_world.build(log=lambda s: print(s, file=sys.stderr))
-    edits = [(EDITS[0][0], [a.prompt or EDITS[0][1][0]])] if a.demo else EDITS
+    edits = [(EDITS[0][0], [a.prompt or EDITS[0][1][0]])] if a.demo else FRESH_EDITS if a.fresh else EDITS
+    scores = a.out / ("demo_scores.json" if a.demo else "scores_fresh.json" if a.fresh else "scores.json")
     server = comfy_runtime.ComfyServer(a.base_dir, checkpoints=[ckpt],
                                        extra_args=["--deterministic", "--use-pytorch-cross-attention"])
     rows = []
@@ -146,7 +155,7 @@ def run(a) -> list[dict]:
             for edited in targets:
                 results, clips = edit_once(server, a, ckpt.name, source, clip_dir, colour, shape, kind, edited)
                 rows.append(results)
-                (a.out / ("demo_scores.json" if a.demo else "scores.json")).write_text(json.dumps(rows, indent=1))
+                scores.write_text(json.dumps(rows, indent=1))
                 strip = toy_world.strip([clips[k] for k in ("source", *METHODS) if k in clips])[0]
                 results["strip"] = str(a.out / f"{clip_dir}__{edited.replace(' ', '_')}.png")
                 Image.fromarray((strip * 255).round().byte().numpy()).save(results["strip"])
@@ -187,6 +196,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", action="store_true", help="one edit only: a green ring on an arc")
     p.add_argument("--prompt", help="with --demo: the edited prompt (default 'a yellow ring')")
+    p.add_argument("--fresh", action="store_true",
+                   help="the 12 fresh edits (FRESH_EDITS, not used to choose the toy settings) instead")
     p.add_argument("--checkpoint", help="a toy-world checkpoint (default: build or reuse the cached one)")
     # Toy settings (README, the toy world): TAV's 500 steps at 3e-5 and cfg 12.5 are for SD1.5 at 512 px
     p.add_argument("--tune-steps", type=int, default=200)
@@ -198,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-dir", type=Path, default=comfy_runtime.PACK_DIR / "out" / "toy_world" / "comfy")
     a = p.parse_args(argv)
+    if a.demo and a.fresh:
+        p.error("--demo and --fresh: choose one")
     if a.prompt:
         if not a.demo:
             p.error("--prompt goes with --demo (the 12 held-out edits have their own prompts)")

@@ -158,3 +158,21 @@ def test_object_weights_mark_the_object_cells(tw):
     assert w.shape == (2, 1, SIZE // 8, SIZE // 8)
     assert w.min() == 1 and w.max() == 4  # 1 on plain background, 1 + 3 on cells the object fills
     assert w[0, 0, 3, 3] == 4 and w[0, 0, 11, 11] == 1 and w[1, 0, 6, 7] == 4 and w[1, 0, 0, 0] == 1
+
+
+def test_held_out_and_fresh_edits_are_distinct_clips_with_each_kind_of_edit(tw):
+    """Each source clip is edited in colour only, shape only and both; the fresh clips (checked only after the
+    toy settings were chosen on the held-out ones) share no source clip and no trajectory with them."""
+    import toy_world_edit
+
+    sets = {"held_out": toy_world_edit.EDITS, "fresh": toy_world_edit.FRESH_EDITS}
+    for name, edits in sets.items():
+        assert len(edits) == 4 and sum(len(targets) for _, targets in edits) == 12, name
+        for (colour, shape, kind), targets in edits:
+            assert kind in tw.TRAJECTORIES
+            edited = [tw.parse_prompt(t) for t in targets]
+            assert sorted((c != colour, s != shape) for c, s in edited) == [(False, True), (True, False), (True, True)]
+    kinds = {name: {kind for (_, _, kind), _ in edits} for name, edits in sets.items()}
+    assert not kinds["held_out"] & kinds["fresh"]
+    with pytest.raises(SystemExit):
+        toy_world_edit.main(["--demo", "--fresh"])
