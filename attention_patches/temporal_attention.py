@@ -4,6 +4,11 @@ Added after each transformer block's feed-forward: x + attn_temp(norm_temp(x)) w
 (b*f, d, c) -> (b*d, f, c); the block's heads and head size, no positional encoding, output
 projection weight zero-initialised (see reset_parameters for the bias).
 
+Past the paper (opt-in, TAVConfig.temporal_position_encoding): a sinusoidal encoding of the frame index is
+added to norm_temp(x) before attn_temp, as AnimateDiff's motion modules do. The official layer sees no
+frame order, so a layer tuned on one clip pulls every frame toward the clip's path as a whole; with the
+encoding it can tell frame 3 from frame 5. No parameters: adapters keep the same tensors.
+
 Weights live in a module tree owned by the patch, never in the base model. Its state-dict keys
 mirror the UNet's own paths, e.g.
     input_blocks.1.1.transformer_blocks.0.attn_temp.to_q.weight   (to_k, to_v: no bias)
@@ -20,6 +25,17 @@ from comfy.ldm.modules.attention import CrossAttention
 
 
 TEMPORAL_INITS = ("identity", "tune_a_video")
+
+
+def frame_position_encoding(frames: int, channels: int, device=None, dtype=None) -> torch.Tensor:
+    """(frames, channels): sin(i * w_k) at even channels 2k, cos(i * w_k) at odd ones, w_k = 10000^(-2k/channels)
+    ("Attention Is All You Need", section 3.5), for frame index i."""
+    position = torch.arange(frames, dtype=torch.float64)[:, None]
+    rate = torch.pow(10000.0, -torch.arange(0, channels, 2, dtype=torch.float64) / channels)
+    table = torch.zeros(frames, channels, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * rate)
+    table[:, 1::2] = torch.cos(position * rate[: channels // 2])
+    return table.to(device=device, dtype=dtype)
 
 
 class TemporalAttention(torch.nn.Module):
@@ -66,14 +82,18 @@ class TemporalAttention(torch.nn.Module):
         patched = len(getattr(out, "weight_function", ())) or len(getattr(out, "bias_function", ()))
         return self.zero_output and not patched
 
-    def forward(self, x, frames: int, transformer_options=None):
-        """x: (clips * frames, tokens, channels) -> same shape, frames mixed at every token."""
+    def forward(self, x, frames: int, transformer_options=None, position_encoding: bool = False):
+        """x: (clips * frames, tokens, channels) -> same shape, frames mixed at every token.
+        position_encoding: add frame_position_encoding to the normalised input (not the paper's layer)."""
         if not torch.is_grad_enabled() and self.is_identity():
             return x  # exact: x + 0; skipping saves an attention layer per block at inference
         bf, d, c = x.shape
         clips = bf // frames
         h = x.view(clips, frames, d, c).transpose(1, 2).reshape(clips * d, frames, c)
-        h = h + self.attn_temp(self.norm_temp(h), transformer_options=transformer_options or {})
+        n = self.norm_temp(h)
+        if position_encoding:
+            n = n + frame_position_encoding(frames, c, device=n.device, dtype=n.dtype)
+        h = h + self.attn_temp(n, transformer_options=transformer_options or {})
         return h.view(clips, d, frames, c).transpose(1, 2).reshape(bf, d, c)
 
 

@@ -38,6 +38,7 @@ class TAVConfig:
     temporal_attention: bool = True
     frame_shared_norm: bool = True
     temporal_init: str = "identity"  # or "tune_a_video" (temporal_attention.TEMPORAL_INITS)
+    temporal_position_encoding: bool = False  # past the paper: frame index into the temporal attention
 
 
 def unet_of(model) -> UNetModel:
@@ -128,7 +129,8 @@ class TAVPatch:
         try:
             if self.temporal is not None:
                 for path, _ in self.blocks:
-                    hook = functools.partial(_temporal_hook, self.temporal.block(path), layout.frames)
+                    hook = functools.partial(_temporal_hook, self.temporal.block(path), layout.frames,
+                                             self.config.temporal_position_encoding)
                     handles.append(unet.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
             if self.config.frame_shared_norm and layout.frames > 1:
                 hook = functools.partial(_norm_hook, layout.clips)
@@ -150,8 +152,8 @@ class TAVPatch:
         return {} if self.temporal is None else self.temporal.state_dict()
 
 
-def _temporal_hook(module: TemporalAttention, frames: int, block, args, kwargs, output):
-    return module(output, frames, kwargs.get("transformer_options"))
+def _temporal_hook(module: TemporalAttention, frames: int, position_encoding: bool, block, args, kwargs, output):
+    return module(output, frames, kwargs.get("transformer_options"), position_encoding)
 
 
 def _norm_hook(clips: int, norm: torch.nn.GroupNorm, args, output):

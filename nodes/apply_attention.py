@@ -37,9 +37,16 @@ class TuneAVideoApplyAttention:
                 "so the untuned model is exactly cross-frame attention alone (best for untuned text-to-video). "
                 "tune_a_video: the official init (zero output weight, default random output bias), for "
                 "reproducing the official code exactly."}),
+            "temporal_position_encoding": ("BOOLEAN", {"default": False, "tooltip":
+                "Past Tune-A-Video (off = the paper): tell the temporal attention each frame's index (a sinusoidal "
+                "encoding, as AnimateDiff's motion modules use). The official layer sees no frame order, so tuned "
+                "on one clip it can pull every frame's object toward the clip's path as a whole; on the toy world "
+                "this keeps edited objects closer to the source motion. Tune with the same setting you sample with "
+                "(adapters record it)."}),
         }}
 
     def apply(self, model, attention_mode, window_radius, temporal_attention, frame_shared_norm,
-              temporal_init="identity"):
-        config = TAVConfig(attention_mode, window_radius, temporal_attention, frame_shared_norm, temporal_init)
+              temporal_init="identity", temporal_position_encoding=False):
+        config = TAVConfig(attention_mode, window_radius, temporal_attention, frame_shared_norm, temporal_init,
+                           temporal_position_encoding)
         return (apply_tav(model, config),)

@@ -32,7 +32,12 @@ class TuneAVideoInvert:
                 "tune_a_video: the official DDIM schedule (timesteps 1, 21, ..., 981 for 50 steps; the clean clip "
                 "sits at the first training noise level, where inversion starts and sampling ends). comfyui: "
                 "ComfyUI's ddim_uniform from and to zero noise. The Sampler follows the inversion's schedule."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 1.0, "step": 0.05, "tooltip":
+                "How far up the schedule to invert. 1.0: all the way to noise (Tune-A-Video). Lower (past the paper, "
+                "like img2img's denoise): invert and then sample only the last strength x steps, so the edit keeps "
+                "more of the source's layout and motion but can change less. The Sampler follows it (same steps)."}),
         }}
 
-    def invert(self, model, latent, conditioning, steps, fixed_point_iterations, schedule="tune_a_video"):
-        return (invert_clip(model, latent, conditioning, steps, fixed_point_iterations, schedule),)
+    def invert(self, model, latent, conditioning, steps, fixed_point_iterations, schedule="tune_a_video",
+               strength=1.0):
+        return (invert_clip(model, latent, conditioning, steps, fixed_point_iterations, schedule, strength),)

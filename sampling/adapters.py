@@ -10,7 +10,7 @@ Tensors are fp32 unless Save Adapter was asked for fp16/bf16 (metadata storage_d
 always fp32. Metadata (all strings): format, format_version, source, model_family, block_layout (JSON
 [[block, dim, heads, dim_head], ...]), frames, latent_size, prompt, steps, learning_rate, seed, trainable,
 precision, attention_mode, window_radius, temporal_attention, frame_shared_norm, temporal_init,
-storage_dtype, final_loss, pack_version.
+temporal_position_encoding, storage_dtype, final_loss, pack_version.
 
 Files are loaded with adapter_loading.load_adapter_file (this format or the official Tune-A-Video UNet).
 
@@ -102,6 +102,7 @@ def make_adapter(model, deltas: dict, temporal: dict, **info) -> TAVAdapter:
         "attention_mode": config.attention_mode, "window_radius": str(config.window_radius),
         "temporal_attention": str(config.temporal_attention or bool(temporal)),
         "frame_shared_norm": str(config.frame_shared_norm), "temporal_init": config.temporal_init,
+        "temporal_position_encoding": str(config.temporal_position_encoding),
         "pack_version": PACK_VERSION,
     }
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
@@ -218,7 +219,8 @@ def config_from_metadata(metadata: dict) -> TAVConfig:
                      int(metadata.get("window_radius", default.window_radius)),
                      metadata.get("temporal_attention", str(default.temporal_attention)) == "True",
                      metadata.get("frame_shared_norm", str(default.frame_shared_norm)) == "True",
-                     metadata.get("temporal_init", default.temporal_init))
+                     metadata.get("temporal_init", default.temporal_init),
+                     metadata.get("temporal_position_encoding", str(default.temporal_position_encoding)) == "True")
 
 
 def apply_adapter(model, adapter: TAVAdapter, name: str = "adapter"):

@@ -92,7 +92,7 @@ def check_adapter(tensors: dict, metadata: dict, name: str):
     init = metadata.get("temporal_init")
     if bad is None and init is not None and init not in TEMPORAL_INITS:
         bad = ("temporal_init", init, f"one of {', '.join(TEMPORAL_INITS)}")
-    for key in ("temporal_attention", "frame_shared_norm"):
+    for key in ("temporal_attention", "frame_shared_norm", "temporal_position_encoding"):
         if bad is None and metadata.get(key, "True") not in BOOLEANS:
             bad = (key, metadata[key], "True or False")
     if bad:

@@ -85,14 +85,20 @@ class DDIMInversionSampler(comfy.samplers.Sampler):
                                      input_ratio=ratio)
 
 
-def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0, schedule="tune_a_video"):
+def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0, schedule="tune_a_video",
+                strength=1.0):
     """DDIM-invert a clip: LATENT in ordinary latent units -> LATENT of the noise at the schedule's top.
 
-    All frames go through the model together, unguided (cfg 1) with `conditioning`. The result
-    carries INVERSION_KEY: {"steps", "sigmas" (descending, the sampler's), "frames",
-    "fixed_point_iterations", "schedule"}.
+    All frames go through the model together, unguided (cfg 1) with `conditioning`. strength < 1 stops
+    after the lowest round(strength * steps) steps of the schedule (not the paper: partial inversion, as
+    img2img's denoise), so sampling starts from a less noisy clip. The result carries INVERSION_KEY:
+    {"steps", "sigmas" (descending, the sampler's; strength < 1: the schedule's tail), "frames",
+    "fixed_point_iterations", "schedule", "strength"}.
     """
     check_steps(steps)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be a number above 0.0 and at most 1.0, got {strength!r}. "
+                         "1.0 inverts all the way to noise (Tune-A-Video).")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}.")
     if not isinstance(fixed_point_iterations, int) or not 0 <= fixed_point_iterations <= MAX_FIXED_POINT_ITERATIONS:
@@ -104,18 +110,19 @@ def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0,
     samples = check_latent(latent, latent_channels(model))
     model_sampling = _eps_like(model, "Tune-A-Video Invert")
     sigmas = inversion_schedule(model, steps, schedule)
+    sigmas = sigmas[len(sigmas) - 1 - max(1, round(strength * steps)):]
 
     guider = comfy.samplers.CFGGuider(model)
     guider.inner_set_conds({"positive": conditioning})
     guider.set_cfg(1.0)
     sampler = DDIMInversionSampler(fixed_point_iterations, float(model_sampling.sigma_data))
-    callback = latent_preview.prepare_callback(model, steps)
+    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
     noise = torch.zeros_like(samples)  # unused: inversion adds no noise
     out = guider.sample(noise, samples, sampler, inversion_sigmas(sigmas), callback=callback,
                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
     out = out.to(comfy.model_management.intermediate_device())
     info = {"steps": steps, "sigmas": sigmas, "frames": samples.shape[0],
-            "fixed_point_iterations": fixed_point_iterations, "schedule": schedule}
+            "fixed_point_iterations": fixed_point_iterations, "schedule": schedule, "strength": strength}
     return {"samples": out, INVERSION_KEY: info}
 
 
@@ -150,7 +157,7 @@ def sample_clip(model, positive, negative, latent, seed=0, steps=50, cfg=12.5, s
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
         noise_mask = latent.get("noise_mask")
 
-    callback = latent_preview.prepare_callback(model, steps)
+    callback = latent_preview.prepare_callback(model, steps if sigmas is None else len(sigmas) - 1)
     out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
                               denoise=denoise, noise_mask=noise_mask, sigmas=sigmas, callback=callback,
                               disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)

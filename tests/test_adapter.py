@@ -139,6 +139,26 @@ def test_comfy_lora_loader_reads_the_query_deltas(tuned, tmp_path):
     assert all(patches[k][0] == "diff" and torch.equal(patches[k][1][0], adapter.deltas[k]) for k in patches)
 
 
+def test_frame_position_encoding_is_recorded_and_restored(tmp_path):
+    """An adapter tuned with the (past-the-paper) frame-index encoding reproduces only with it: the file says so and
+    loading it onto a bare checkpoint switches it back on; files without the key load as the paper's layer."""
+    with torch.inference_mode():
+        encoded = up.apply_tav(fresh_base(), up.TAVConfig(temporal_position_encoding=True))
+    model, adapter = tune(encoded, steps=5)
+    assert adapter.metadata["temporal_position_encoding"] == "True"
+    path = ad.save_adapter(adapter, tmp_path / "pe.safetensors")
+    with torch.inference_mode():
+        loaded = ad.apply_adapter(fresh_base(), adl.load_adapter_file(path, fresh_base()))
+    assert up.get_tav_patch(loaded).config.temporal_position_encoding
+    assert torch.equal(out(loaded), out(model))
+    with torch.inference_mode():
+        plain = up.apply_tav(loaded, up.TAVConfig())  # same weights, the paper's layer
+    assert (out(plain) - out(model)).abs().max().item() > 1e-4
+    meta = dict(adapter.metadata)
+    del meta["temporal_position_encoding"]
+    assert not ad.config_from_metadata(meta).temporal_position_encoding
+
+
 def test_patched_input_keeps_its_attention_mode_unpatched_gets_the_adapters(tuned):
     _, adapter = tuned
     base = fresh_base()

@@ -121,8 +121,9 @@ def test_clip_group_norm_matches_reference(frames, clips):
         assert (got - per_frame).abs().max().item() > 1e-2
 
 
-def reference_temporal(module, x, frames):
-    """x + attn(LayerNorm(x)) over the frame axis at each token, with the module's own weights."""
+def reference_temporal(module, x, frames, position=None):
+    """x + attn(LayerNorm(x) [+ position]) over the frame axis at each token, with the module's own weights;
+    position: a (frames, ch) table added to the normalised input (AnimateDiff-style)."""
     attn, norm = module.attn_temp, module.norm_temp
     heads = attn.heads
     out = x.double().clone()
@@ -132,6 +133,8 @@ def reference_temporal(module, x, frames):
         for t in range(clip.shape[1]):
             seq = clip[:, t]  # (f, ch)
             h = torch.nn.functional.layer_norm(seq, seq.shape[-1:], norm.weight.double(), norm.bias.double(), norm.eps)
+            if position is not None:
+                h = h + position.double()
             q, k, v = h @ attn.to_q.weight.double().T, h @ attn.to_k.weight.double().T, h @ attn.to_v.weight.double().T
             d = q.shape[-1] // heads
             o = torch.cat([torch.softmax(q[:, i * d:(i + 1) * d] @ k[:, i * d:(i + 1) * d].T / math.sqrt(d), -1)
@@ -158,6 +161,46 @@ def test_temporal_attention_matches_reference(frames, clips):
         got = module(x, frames)
     assert (got.double() - reference_temporal(module, x, frames)).abs().max().item() <= 1e-5
     assert (got - x).abs().max().item() > 1e-3
+
+
+def diffusers_position_table(frames, channels):
+    """diffusers' SinusoidalPositionalEmbedding (its AnimateDiff motion blocks' positional_embeddings="sinusoidal")
+    applied to zeros: its table for `frames` positions."""
+    from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+    return SinusoidalPositionalEmbedding(channels, max_seq_length=32)(torch.zeros(1, frames, channels))[0]
+
+
+def test_frame_position_encoding_matches_diffusers():
+    for frames, channels in [(1, 8), (8, 16), (24, 320)]:
+        got = ta.frame_position_encoding(frames, channels, dtype=torch.float32)
+        assert got.shape == (frames, channels)
+        assert (got - diffusers_position_table(frames, channels)).abs().max().item() <= 1e-5
+    table = ta.frame_position_encoding(8, 16)
+    assert len({tuple(row.tolist()) for row in table}) == 8, "every frame index must get its own code"
+
+
+@pytest.mark.parametrize("frames,clips", [(2, 2), (5, 1)])
+def test_temporal_attention_with_position_encoding_matches_reference(frames, clips):
+    """The opt-in frame-index encoding: added to norm_temp's output only; the untuned layer is still exact identity;
+    the tuned layer then tells frames apart, so reversing a clip is no longer just reversing the output."""
+    g = torch.Generator().manual_seed(4)
+    module = ta.TemporalAttention(16, heads=2, dim_head=8, dtype=torch.float32)
+    module.reset_parameters(g)
+    x = torch.randn(clips * frames, 6, 16, generator=g)
+    assert torch.equal(module(x, frames, position_encoding=True), x)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+        module.refresh_identity()
+        got = module(x, frames, position_encoding=True)
+        plain = module(x, frames)
+    want = reference_temporal(module, x, frames, position=diffusers_position_table(frames, 16))
+    assert (got.double() - want).abs().max().item() <= 1e-5
+    assert (got - plain).abs().max().item() > 1e-3
+    flip = lambda t: t.view(clips, frames, 6, 16).flip(1).reshape(clips * frames, 6, 16)
+    with torch.no_grad():
+        assert torch.allclose(module(flip(x), frames), flip(plain), atol=1e-5), "the paper's layer sees no order"
+        assert (module(flip(x), frames, position_encoding=True) - flip(got)).abs().max().item() > 1e-3
 
 
 def test_cached_frame_indices_serve_training_after_inference():

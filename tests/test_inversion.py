@@ -159,6 +159,39 @@ def test_inversion_round_trip_through_the_nodes(smooth_sd15, one_thread, schedul
     assert errors[50, 3] <= 0.005, errors
 
 
+def test_partial_inversion_climbs_part_way_and_the_sampler_retraces_it(smooth_sd15, one_thread):
+    """strength 0.4 of 10 steps: the inversion climbs the lowest 4 steps of the full schedule, the Sampler runs
+    exactly those 4 back down (one model call each at cfg 1) and lands on the clip; strength 1.0 is unchanged."""
+    import comfy.patcher_extension as pe
+
+    model, empty = smooth_sd15
+    latent = clip_latent()
+    x = latent["samples"]
+    full, full_out = round_trip(model, empty, latent, 10, 0)
+    with torch.inference_mode():
+        (same,) = nodes.TuneAVideoInvert().invert(model, latent, empty, 10, 0, "tune_a_video", 1.0)
+        (part,) = nodes.TuneAVideoInvert().invert(model, latent, empty, 10, 0, "tune_a_video", 0.4)
+    assert torch.equal(same["samples"], full["samples"])
+    info = part[vs.INVERSION_KEY]
+    assert info["strength"] == 0.4 and info["steps"] == 10
+    assert torch.equal(info["sigmas"], full[vs.INVERSION_KEY]["sigmas"][-5:])
+    assert 0.01 < rel(part["samples"], x) < 0.8 * rel(full["samples"], x)  # moved, but less far toward noise
+
+    sigmas_seen = []
+    counted = model.clone()
+    counted.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test_count",
+                                 lambda ex, x, t, *a, **k: sigmas_seen.append(float(t[0])) or ex(x, t, *a, **k))
+    with torch.inference_mode():
+        (out,) = snodes.TuneAVideoSampler().sample(counted, empty, empty, part, 0, 10, 1.0, "ddim", "ddim_uniform", 1.0)
+    assert len(sigmas_seen) == 4
+    print("round trip: full", f"{100 * rel(full_out['samples'], x):.3f}%", "strength 0.4",
+          f"{100 * rel(out['samples'], x):.3f}%")
+    assert rel(out["samples"], x) <= 0.03 and rel(out["samples"], x) < rel(full_out["samples"], x)
+    for bad in (0.0, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="strength must be a number above 0.0 and at most 1.0"):
+            vs.invert_clip(model, latent, empty, 10, strength=bad)
+
+
 # --- ComfyUI machinery: one call per step with the whole clip, progress, cancel ---------------
 
 @pytest.fixture(scope="module")
