@@ -39,6 +39,9 @@ TRAJECTORIES = {
     "arc": lambda t: (t, 1 - math.sin(math.pi * t)),
     "zigzag": lambda t: (t, 1 - abs(2 * ((2 * t) % 1) - 1)),
     "circle": lambda t: (0.5 + 0.5 * math.cos(2 * math.pi * t), 0.5 + 0.5 * math.sin(2 * math.pi * t)),
+    "wave": lambda t: (t, 0.5 + 0.5 * math.sin(2 * math.pi * t)),
+    "back_and_forth": lambda t: (1 - abs(2 * t - 1), 0.25 + 0.5 * t),
+    "drop": lambda t: (0.3 + 0.4 * t, t * t),
     "still": lambda t: (0.5, 0.5),
 }
 

@@ -2,15 +2,17 @@
 
 For each held-out source clip (one object moving, 8 frames; trajectories, colours and shapes used by no
 test): workflows/tav_tune_and_edit_api.json tunes on the clip and its prompt, inverts it and samples
-each edited prompt, with the toy settings (per-frame GroupNorm, stronger tuning, cfg 3: README, the toy
-world). In the same graphs: Tune-A-Video with the official frame-shared GroupNorm, and two baselines: the
-untuned, unpatched model editing each frame on its own (inversion per frame), and Tune-A-Video without
-inversion (random start noise). Every result is
+each edited prompt, with the toy settings (per-frame GroupNorm, stronger tuning, cfg 3, and two settings
+past the paper: frame positions in the temporal attention and inversion to strength 0.8; README, the toy
+world). In the same graphs: the same with the paper's temporal attention (no frame positions), and two
+baselines: the untuned, unpatched model editing each frame on its own (inversion per frame, same strength),
+and Tune-A-Video without inversion (random start noise). Every result is
 scored from its frames alone (sampling/toy_world.py: edit accuracy, motion error, colour/size spread,
 background kept).
 
     python scripts/toy_world_edit.py                    # all 12 edits; table + strip in out/toy_world/
-    python scripts/toy_world_edit.py --fresh            # 12 more edits, not used to choose the settings
+    python scripts/toy_world_edit.py --fresh            # 12 more edits (used to choose the settings past the paper)
+    python scripts/toy_world_edit.py --unseen           # 12 more, run only with the final settings
     python scripts/toy_world_edit.py --demo             # one edit, prints its scores and the video path
     python scripts/toy_world_edit.py --checkpoint other.safetensors --tune-steps 100 --lr 1e-4 --cfg 7.5
 """
@@ -35,15 +37,23 @@ EDITS = [  # (source colour, shape, trajectory), edited prompts: colour, shape, 
     (("yellow", "circle", "anti_diagonal"), ["a green circle", "a yellow bar", "a red ring"]),
     (("red", "ring", "circle"), ["a blue ring", "a red circle", "a green bar"]),
 ]
-# 12 more, looked at only after the toy settings were chosen on EDITS: how far those settings carry.
+# 12 more, looked at only after the toy settings were chosen on EDITS: how far those settings carry. The
+# settings past the paper (frame positions, inversion strength) were then chosen on these.
 FRESH_EDITS = [
     (("red", "circle", "right_to_left"), ["a blue circle", "a red bar", "a green ring"]),
     (("yellow", "ring", "top_to_bottom"), ["a red ring", "a yellow circle", "a blue bar"]),
     (("blue", "circle", "diagonal"), ["a yellow circle", "a blue ring", "a red bar"]),
     (("green", "bar", "bottom_to_top"), ["a blue bar", "a green circle", "a yellow ring"]),
 ]
-METHODS = {"tune_a_video": "Tune-A-Video (tuned, inverted; per-frame GroupNorm)",
-           "shared_norm": "Tune-A-Video, frame-shared GroupNorm (the official inflated UNet's)",
+# 12 more, written down before any of them was run, after every toy setting was chosen: the final check.
+UNSEEN_EDITS = [
+    (("blue", "ring", "wave"), ["a green ring", "a blue circle", "a red bar"]),
+    (("red", "bar", "left_to_right"), ["a yellow bar", "a red ring", "a blue circle"]),
+    (("green", "circle", "back_and_forth"), ["a red circle", "a green bar", "a yellow ring"]),
+    (("yellow", "bar", "drop"), ["a blue bar", "a yellow circle", "a green ring"]),
+]
+METHODS = {"tune_a_video": "Tune-A-Video (toy settings)",
+           "no_positions": "Tune-A-Video, the paper's temporal attention (no frame positions)",
            "no_inversion": "Tune-A-Video, random start noise", "per_frame": "untuned, unpatched, per-frame inversion"}
 
 
@@ -62,6 +72,8 @@ def edit_graph(clip_dir: str, ckpt: str, source_prompt: str, edited: str, a) -> 
     # This UNet was trained on single frames: normalising a clip's frames together loses the object in
     # some frames (README, the toy world), so the toy setting normalises each frame on its own.
     p[apply]["inputs"]["frame_shared_norm"] = False
+    p[apply]["inputs"]["temporal_position_encoding"] = a.position_encoding == "on"
+    p[invert]["inputs"]["strength"] = a.strength  # every inverted method, the per-frame baseline too
     p[tune]["inputs"].update(learning_rate=a.lr, seed=a.seed, gradient_checkpointing=False)
     if a.invert_with == "source":  # invert with the clip's own prompt (TAV inverts with ""): the edit keeps
         p[invert]["inputs"]["conditioning"] = p[tune]["inputs"]["positive"]  # the motion (README)
@@ -77,14 +89,15 @@ def edit_graph(clip_dir: str, ckpt: str, source_prompt: str, edited: str, a) -> 
     p["111"] = {"class_type": "TuneAVideoSampler", "inputs": {**s, "model": ckpt_model, "latent": ["110", 0]}}
     p["112"] = {"class_type": "VAEDecode", "inputs": {"samples": ["111", 0], "vae": vae}}
     decoded["per_frame"] = ["112", 0]
-    if a.demo:  # the demo shows the edit and both baselines; the table also has the official norm
+    if a.demo or a.position_encoding == "off":  # the demo: the edit and both baselines
         return _save_all(p, decoded)
-    p["130"] = {"class_type": "TuneAVideoApplyAttention", "inputs": {**p[apply]["inputs"], "frame_shared_norm": True}}
+    p["130"] = {"class_type": "TuneAVideoApplyAttention",
+                "inputs": {**p[apply]["inputs"], "temporal_position_encoding": False}}
     p["131"] = {"class_type": "TuneAVideoTune", "inputs": {**p[tune]["inputs"], "model": ["130", 0]}}
     p["132"] = {"class_type": "TuneAVideoInvert", "inputs": {**p[invert]["inputs"], "model": ["131", 0]}}
     p["133"] = {"class_type": "TuneAVideoSampler", "inputs": {**s, "model": ["131", 0], "latent": ["132", 0]}}
     p["134"] = {"class_type": "VAEDecode", "inputs": {"samples": ["133", 0], "vae": vae}}
-    decoded["shared_norm"] = ["134", 0]
+    decoded["no_positions"] = ["134", 0]
     return _save_all(p, decoded)
 
 
@@ -144,8 +157,9 @@ def run(a) -> list[dict]:
     from PIL import Image
 
     ckpt = Path(a.checkpoint) if a.checkpoint else build_toy_world.build(log=lambda s: print(s, file=sys.stderr))
-    edits = [(EDITS[0][0], [a.prompt or EDITS[0][1][0]])] if a.demo else FRESH_EDITS if a.fresh else EDITS
-    scores = a.out / ("demo_scores.json" if a.demo else "scores_fresh.json" if a.fresh else "scores.json")
+    named = {"held_out": EDITS, "fresh": FRESH_EDITS, "unseen": UNSEEN_EDITS}
+    edits = [(EDITS[0][0], [a.prompt or EDITS[0][1][0]])] if a.demo else named[a.edits]
+    scores = a.out / ("demo_scores.json" if a.demo else f"scores_{a.edits}.json".replace("_held_out", ""))
     server = comfy_runtime.ComfyServer(a.base_dir, checkpoints=[ckpt],
                                        extra_args=["--deterministic", "--use-pytorch-cross-attention"])
     rows = []
@@ -196,8 +210,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", action="store_true", help="one edit only: a green ring on an arc")
     p.add_argument("--prompt", help="with --demo: the edited prompt (default 'a yellow ring')")
-    p.add_argument("--fresh", action="store_true",
-                   help="the 12 fresh edits (FRESH_EDITS, not used to choose the toy settings) instead")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--fresh", dest="edits", action="store_const", const="fresh", default="held_out",
+                       help="the 12 fresh edits (FRESH_EDITS) instead")
+    which.add_argument("--unseen", dest="edits", action="store_const", const="unseen",
+                       help="the 12 unseen edits (UNSEEN_EDITS: the final check) instead")
     p.add_argument("--checkpoint", help="a toy-world checkpoint (default: build or reuse the cached one)")
     # Toy settings (README, the toy world): TAV's 500 steps at 3e-5 and cfg 12.5 are for SD1.5 at 512 px
     p.add_argument("--tune-steps", type=int, default=200)
@@ -206,11 +223,15 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--invert-with", choices=("source", "empty"), default="source",
                    help="the prompt DDIM inversion conditions on: the source clip's (default) or \"\" (TAV's)")
+    p.add_argument("--position-encoding", choices=("on", "off"), default="on",
+                   help="frame positions in the temporal attention (past the paper; on adds a row without them)")
+    p.add_argument("--strength", type=float, default=0.8,
+                   help="how far up the schedule to invert (1.0: Tune-A-Video's full inversion)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-dir", type=Path, default=comfy_runtime.PACK_DIR / "out" / "toy_world" / "comfy")
     a = p.parse_args(argv)
-    if a.demo and a.fresh:
-        p.error("--demo and --fresh: choose one")
+    if a.demo and a.edits != "held_out":
+        p.error(f"--demo and --{a.edits}: choose one")
     if a.prompt:
         if not a.demo:
             p.error("--prompt goes with --demo (the 12 held-out edits have their own prompts)")

@@ -160,12 +160,14 @@ def test_object_weights_mark_the_object_cells(tw):
     assert w[0, 0, 3, 3] == 4 and w[0, 0, 11, 11] == 1 and w[1, 0, 6, 7] == 4 and w[1, 0, 0, 0] == 1
 
 
-def test_held_out_and_fresh_edits_are_distinct_clips_with_each_kind_of_edit(tw):
-    """Each source clip is edited in colour only, shape only and both; the fresh clips (checked only after the
-    toy settings were chosen on the held-out ones) share no source clip and no trajectory with them."""
+def test_held_out_fresh_and_unseen_edits_are_distinct_clips_with_each_kind_of_edit(tw):
+    """Each source clip is edited in colour only, shape only and both; the three sets (settings chosen on the first,
+    the settings past the paper on the second, the third run only with the final settings) share no source clip
+    and no trajectory."""
     import toy_world_edit
 
-    sets = {"held_out": toy_world_edit.EDITS, "fresh": toy_world_edit.FRESH_EDITS}
+    sets = {"held_out": toy_world_edit.EDITS, "fresh": toy_world_edit.FRESH_EDITS,
+            "unseen": toy_world_edit.UNSEEN_EDITS}
     for name, edits in sets.items():
         assert len(edits) == 4 and sum(len(targets) for _, targets in edits) == 12, name
         for (colour, shape, kind), targets in edits:
@@ -173,6 +175,11 @@ def test_held_out_and_fresh_edits_are_distinct_clips_with_each_kind_of_edit(tw):
             edited = [tw.parse_prompt(t) for t in targets]
             assert sorted((c != colour, s != shape) for c, s in edited) == [(False, True), (True, False), (True, True)]
     kinds = {name: {kind for (_, _, kind), _ in edits} for name, edits in sets.items()}
-    assert not kinds["held_out"] & kinds["fresh"]
+    sources = {name: {(c, s) for (c, s, _), _ in edits} for name, edits in sets.items()}
+    for a, b in (("held_out", "fresh"), ("held_out", "unseen"), ("fresh", "unseen")):
+        assert not kinds[a] & kinds[b] and not sources[a] & sources[b], (a, b)
+    for flag in ("--fresh", "--unseen"):
+        with pytest.raises(SystemExit):
+            toy_world_edit.main(["--demo", flag])
     with pytest.raises(SystemExit):
-        toy_world_edit.main(["--demo", "--fresh"])
+        toy_world_edit.main(["--fresh", "--unseen"])

@@ -226,7 +226,8 @@ def test_toy_world_edit_graph_runs_every_method(server, random_checkpoint):
     import torch
     import toy_world_edit
 
-    a = argparse.Namespace(demo=False, steps=2, cfg=3.0, tune_steps=2, lr=1e-4, seed=0, invert_with="source")
+    a = argparse.Namespace(demo=False, steps=2, cfg=3.0, tune_steps=2, lr=1e-4, seed=0, invert_with="source",
+                           position_encoding="on", strength=0.5)
     (colour, shape, kind), targets = toy_world_edit.EDITS[0]
     source, clip_dir = toy_world_edit.write_clip(server.base_dir, colour, shape, kind)
     results, clips = toy_world_edit.edit_once(server, a, random_checkpoint.name, source, clip_dir, colour,
@@ -235,9 +236,17 @@ def test_toy_world_edit_graph_runs_every_method(server, random_checkpoint):
     for method in toy_world_edit.METHODS:
         assert clips[method].shape == (toy_world_edit.FRAMES, toy_world_edit.SIZE, toy_world_edit.SIZE, 3)
         assert 0 <= results[method]["edit_accuracy"] <= 1
-    # Same tuning seed and settings; only the GroupNorm differs (per frame vs frame-shared)
-    assert not torch.equal(clips["tune_a_video"], clips["shared_norm"])
-    norms = {n["inputs"]["frame_shared_norm"] for n in toy_world_edit.edit_graph(
-        clip_dir, "x.safetensors", "a red ring", "a red bar", argparse.Namespace(**{**vars(a), "demo": True})
-    ).values() if n["class_type"] == "TuneAVideoApplyAttention"}
-    assert norms == {False}  # the demo runs the toy setting only
+    # Same tuning seed and settings; only the temporal attention's frame positions differ
+    assert not torch.equal(clips["tune_a_video"], clips["no_positions"])
+
+    def nodes(**change):
+        graph = toy_world_edit.edit_graph(clip_dir, "x.safetensors", "a red ring", "a red bar",
+                                          argparse.Namespace(**{**vars(a), **change}))
+        return lambda kind, key: [n["inputs"][key] for n in graph.values() if n["class_type"] == kind]
+    full = nodes()
+    assert sorted(full("TuneAVideoApplyAttention", "temporal_position_encoding")) == [False, True]
+    assert full("TuneAVideoInvert", "strength") == [0.5] * 3  # both Tune-A-Video rows and the per-frame baseline
+    demo = nodes(demo=True)
+    assert demo("TuneAVideoApplyAttention", "frame_shared_norm") == [False]  # the demo runs the toy setting only
+    assert demo("TuneAVideoApplyAttention", "temporal_position_encoding") == [True]
+    assert nodes(position_encoding="off")("TuneAVideoApplyAttention", "temporal_position_encoding") == [False]
