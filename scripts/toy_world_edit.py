@@ -230,6 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-dir", type=Path, default=comfy_runtime.PACK_DIR / "out" / "toy_world" / "comfy")
     a = p.parse_args(argv)
+    if not 0.05 <= a.strength <= 1.0:
+        p.error(f"--strength must be from 0.05 to 1.0 (Invert's range), got {a.strength}")
     if a.demo and a.edits != "held_out":
         p.error(f"--demo and --{a.edits}: choose one")
     if a.prompt:
