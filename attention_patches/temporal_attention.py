@@ -27,12 +27,12 @@ from comfy.ldm.modules.attention import CrossAttention
 TEMPORAL_INITS = ("identity", "tune_a_video")
 
 
-def frame_position_encoding(frames: int, channels: int, device=None, dtype=None) -> torch.Tensor:
-    """(frames, channels): sin(i * w_k) at even channels 2k, cos(i * w_k) at odd ones, w_k = 10000^(-2k/channels)
-    ("Attention Is All You Need", section 3.5), for frame index i."""
-    position = torch.arange(frames, dtype=torch.float64)[:, None]
+def frame_position_encoding(positions, channels: int, device=None, dtype=None) -> torch.Tensor:
+    """(len(positions), channels): sin(i * w_k) at even channels 2k, cos(i * w_k) at odd ones,
+    w_k = 10000^(-2k/channels) ("Attention Is All You Need", section 3.5), for each frame index i."""
+    position = torch.tensor(list(positions), dtype=torch.float64)[:, None]
     rate = torch.pow(10000.0, -torch.arange(0, channels, 2, dtype=torch.float64) / channels)
-    table = torch.zeros(frames, channels, dtype=torch.float64)
+    table = torch.zeros(len(position), channels, dtype=torch.float64)
     table[:, 0::2] = torch.sin(position * rate)
     table[:, 1::2] = torch.cos(position * rate[: channels // 2])
     return table.to(device=device, dtype=dtype)
@@ -82,17 +82,18 @@ class TemporalAttention(torch.nn.Module):
         patched = len(getattr(out, "weight_function", ())) or len(getattr(out, "bias_function", ()))
         return self.zero_output and not patched
 
-    def forward(self, x, frames: int, transformer_options=None, position_encoding: bool = False):
+    def forward(self, x, frames: int, transformer_options=None, positions=None):
         """x: (clips * frames, tokens, channels) -> same shape, frames mixed at every token.
-        position_encoding: add frame_position_encoding to the normalised input (not the paper's layer)."""
+        positions: None (the paper's layer), or each frame's index in the whole clip: frame_position_encoding
+        of them is added to the normalised input."""
         if not torch.is_grad_enabled() and self.is_identity():
             return x  # exact: x + 0; skipping saves an attention layer per block at inference
         bf, d, c = x.shape
         clips = bf // frames
         h = x.view(clips, frames, d, c).transpose(1, 2).reshape(clips * d, frames, c)
         n = self.norm_temp(h)
-        if position_encoding:
-            n = n + frame_position_encoding(frames, c, device=n.device, dtype=n.dtype)
+        if positions is not None:
+            n = n + frame_position_encoding(positions, c, device=n.device, dtype=n.dtype)
         h = h + self.attn_temp(n, transformer_options=transformer_options or {})
         return h.view(clips, d, frames, c).transpose(1, 2).reshape(bf, d, c)
 

@@ -130,7 +130,7 @@ class TAVPatch:
             if self.temporal is not None:
                 for path, _ in self.blocks:
                     hook = functools.partial(_temporal_hook, self.temporal.block(path), layout.frames,
-                                             self.config.temporal_position_encoding)
+                                             layout.positions if self.config.temporal_position_encoding else None)
                     handles.append(unet.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
             if self.config.frame_shared_norm and layout.frames > 1:
                 hook = functools.partial(_norm_hook, layout.clips)
@@ -152,8 +152,8 @@ class TAVPatch:
         return {} if self.temporal is None else self.temporal.state_dict()
 
 
-def _temporal_hook(module: TemporalAttention, frames: int, position_encoding: bool, block, args, kwargs, output):
-    return module(output, frames, kwargs.get("transformer_options"), position_encoding)
+def _temporal_hook(module: TemporalAttention, frames: int, positions, block, args, kwargs, output):
+    return module(output, frames, kwargs.get("transformer_options"), positions)
 
 
 def _norm_hook(clips: int, norm: torch.nn.GroupNorm, args, output):

@@ -225,13 +225,16 @@ def config_from_metadata(metadata: dict) -> TAVConfig:
 
 def apply_adapter(model, adapter: TAVAdapter, name: str = "adapter"):
     """A clone of `model` carrying the adapter: Tune-A-Video's attention (the model's own settings if it is
-    already patched, else the adapter's), the adapter's temporal attention weights, and its query deltas
+    already patched, else the adapter's; frame positions always as the adapter records), the adapter's temporal attention weights, and its query deltas
     as ("diff", delta) weight patches (so LoRAs stack with it). `model` is left untouched. The clone
     remembers the stacked adapter (adapter_of).
     """
     check_fits(model, adapter, name)
     patch = get_tav_patch(model)
     config = patch.config if patch is not None else config_from_metadata(adapter.metadata)
+    if "temporal_position_encoding" in adapter.metadata:  # its temporal weights were tuned with (or without) it
+        recorded = config_from_metadata(adapter.metadata).temporal_position_encoding
+        config = replace(config, temporal_position_encoding=recorded)
     if adapter.temporal and not config.temporal_attention:
         config = replace(config, temporal_attention=True)
     tuned = apply_tav(model, config, temporal_weights=dict(adapter.temporal) or None)

@@ -91,7 +91,7 @@ def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0,
 
     All frames go through the model together, unguided (cfg 1) with `conditioning`. strength < 1 stops
     after the lowest round(strength * steps) steps of the schedule (not the paper: partial inversion, as
-    img2img's denoise), so sampling starts from a less noisy clip. The result carries INVERSION_KEY:
+    img2img's denoise; at least one step), so sampling starts from a less noisy clip. The result carries INVERSION_KEY:
     {"steps", "sigmas" (descending, the sampler's; strength < 1: the schedule's tail), "frames",
     "fixed_point_iterations", "schedule", "strength"}.
     """
@@ -110,7 +110,9 @@ def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0,
     samples = check_latent(latent, latent_channels(model))
     model_sampling = _eps_like(model, "Tune-A-Video Invert")
     sigmas = inversion_schedule(model, steps, schedule)
-    sigmas = sigmas[len(sigmas) - 1 - max(1, round(strength * steps)):]
+    if strength < 1.0:  # the lowest k steps of the schedule (comfyui's may hold more than `steps` steps)
+        n = len(sigmas) - 1
+        sigmas = sigmas[n - min(n, max(1, round(strength * n))):]
 
     guider = comfy.samplers.CFGGuider(model)
     guider.inner_set_conds({"positive": conditioning})

@@ -151,6 +151,10 @@ def test_frame_position_encoding_is_recorded_and_restored(tmp_path):
         loaded = ad.apply_adapter(fresh_base(), adl.load_adapter_file(path, fresh_base()))
     assert up.get_tav_patch(loaded).config.temporal_position_encoding
     assert torch.equal(out(loaded), out(model))
+    with torch.inference_mode():  # onto a model Apply Attention already patched (positions off): the file decides
+        window = up.apply_tav(fresh_base(), up.TAVConfig("window", 2))
+        onto_patched = ad.apply_adapter(window, adl.load_adapter_file(path, fresh_base()))
+    assert up.get_tav_patch(onto_patched).config == up.TAVConfig("window", 2, temporal_position_encoding=True)
     with torch.inference_mode():
         plain = up.apply_tav(loaded, up.TAVConfig())  # same weights, the paper's layer
     assert (out(plain) - out(model)).abs().max().item() > 1e-4

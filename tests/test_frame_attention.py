@@ -172,11 +172,16 @@ def diffusers_position_table(frames, channels):
 
 def test_frame_position_encoding_matches_diffusers():
     for frames, channels in [(1, 8), (8, 16), (24, 320)]:
-        got = ta.frame_position_encoding(frames, channels, dtype=torch.float32)
+        got = ta.frame_position_encoding(range(frames), channels, dtype=torch.float32)
         assert got.shape == (frames, channels)
         assert (got - diffusers_position_table(frames, channels)).abs().max().item() <= 1e-5
-    table = ta.frame_position_encoding(8, 16)
+    table = ta.frame_position_encoding(range(8), 16)
     assert len({tuple(row.tolist()) for row in table}) == 8, "every frame index must get its own code"
+    # a context window's frames keep their indices in the whole clip
+    assert torch.equal(ta.frame_position_encoding((0, 5, 6), 16), table[[0, 5, 6]])
+    odd = ta.frame_position_encoding((3,), 5)[0]  # the formula itself, odd width: sin at 0, 2, 4; cos at 1, 3
+    want = [math.sin(3), math.cos(3), math.sin(3 * 10000 ** -0.4), math.cos(3 * 10000 ** -0.4), math.sin(3 * 10000 ** -0.8)]
+    assert torch.allclose(odd, torch.tensor(want, dtype=odd.dtype), atol=1e-12)
 
 
 @pytest.mark.parametrize("frames,clips", [(2, 2), (5, 1)])
@@ -187,12 +192,12 @@ def test_temporal_attention_with_position_encoding_matches_reference(frames, cli
     module = ta.TemporalAttention(16, heads=2, dim_head=8, dtype=torch.float32)
     module.reset_parameters(g)
     x = torch.randn(clips * frames, 6, 16, generator=g)
-    assert torch.equal(module(x, frames, position_encoding=True), x)
+    assert torch.equal(module(x, frames, positions=range(frames)), x)
     with torch.no_grad():
         for p in module.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=g))
         module.refresh_identity()
-        got = module(x, frames, position_encoding=True)
+        got = module(x, frames, positions=range(frames))
         plain = module(x, frames)
     want = reference_temporal(module, x, frames, position=diffusers_position_table(frames, 16))
     assert (got.double() - want).abs().max().item() <= 1e-5
@@ -200,7 +205,7 @@ def test_temporal_attention_with_position_encoding_matches_reference(frames, cli
     flip = lambda t: t.view(clips, frames, 6, 16).flip(1).reshape(clips * frames, 6, 16)
     with torch.no_grad():
         assert torch.allclose(module(flip(x), frames), flip(plain), atol=1e-5), "the paper's layer sees no order"
-        assert (module(flip(x), frames, position_encoding=True) - flip(got)).abs().max().item() > 1e-3
+        assert (module(flip(x), frames, positions=range(frames)) - flip(got)).abs().max().item() > 1e-3
 
 
 def test_cached_frame_indices_serve_training_after_inference():

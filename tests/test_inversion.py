@@ -187,6 +187,12 @@ def test_partial_inversion_climbs_part_way_and_the_sampler_retraces_it(smooth_sd
     print("round trip: full", f"{100 * rel(full_out['samples'], x):.3f}%", "strength 0.4",
           f"{100 * rel(out['samples'], x):.3f}%")
     assert rel(out["samples"], x) <= 0.03 and rel(out["samples"], x) < rel(full_out["samples"], x)
+    with torch.inference_mode():
+        tiny = vs.invert_clip(model, latent, empty, 10, strength=0.01)  # rounds to no step: still one
+        whole = vs.invert_clip(model, latent, empty, 30, schedule="comfyui", strength=1.0)
+    assert torch.equal(tiny[vs.INVERSION_KEY]["sigmas"], full[vs.INVERSION_KEY]["sigmas"][-2:])
+    # comfyui's ddim_uniform holds 31 steps for 30 on SD1.x: strength 1.0 keeps all of them
+    assert torch.equal(whole[vs.INVERSION_KEY]["sigmas"], vs.inversion_schedule(model, 30, "comfyui"))
     for bad in (0.0, 1.5, True, "1"):
         with pytest.raises(ValueError, match="strength must be a number above 0.0 and at most 1.0"):
             vs.invert_clip(model, latent, empty, 10, strength=bad)

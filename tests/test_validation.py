@@ -56,5 +56,7 @@ def test_latent_and_adapter_checks():
     validation.check_adapter(good, {"window_radius": "3", "attention_mode": "window"}, "a.safetensors")
     with pytest.raises(ValueError, match="a.safetensors: metadata frame_shared_norm is 'yes'"):
         validation.check_adapter(good, {"frame_shared_norm": "yes"}, "a.safetensors")
+    with pytest.raises(ValueError, match="metadata temporal_position_encoding is 'on', not True or False"):
+        validation.check_adapter(good, {"temporal_position_encoding": "on"}, "a.safetensors")
     with pytest.raises(ValueError, match="window_radius is '2.5'"):
         validation.check_adapter(good, {"window_radius": "2.5"}, "a.safetensors")
