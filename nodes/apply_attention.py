@@ -40,9 +40,9 @@ class TuneAVideoApplyAttention:
             "temporal_position_encoding": ("BOOLEAN", {"default": False, "tooltip":
                 "Past Tune-A-Video (off = the paper): tell the temporal attention each frame's index (a sinusoidal "
                 "encoding, as AnimateDiff's motion modules use). The official layer sees no frame order, so tuned "
-                "on one clip it can pull every frame's object toward the clip's path as a whole; on the toy world "
-                "this keeps edited objects closer to the source motion. Tune with the same setting you sample with "
-                "(adapters record it)."}),
+                "on one clip it can pull every frame's object toward the clip's path as a whole. On the toy world "
+                "it helped on one set of edits and not on two others (README). Tune with the same setting you "
+                "sample with (adapters record it; Load Adapter applies the file's value)."}),
         }}
 
     def apply(self, model, attention_mode, window_radius, temporal_attention, frame_shared_norm,

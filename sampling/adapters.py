@@ -225,9 +225,9 @@ def config_from_metadata(metadata: dict) -> TAVConfig:
 
 def apply_adapter(model, adapter: TAVAdapter, name: str = "adapter"):
     """A clone of `model` carrying the adapter: Tune-A-Video's attention (the model's own settings if it is
-    already patched, else the adapter's; frame positions always as the adapter records), the adapter's temporal attention weights, and its query deltas
-    as ("diff", delta) weight patches (so LoRAs stack with it). `model` is left untouched. The clone
-    remembers the stacked adapter (adapter_of).
+    already patched, else the adapter's; frame positions always as the adapter records), the adapter's
+    temporal attention weights, and its query deltas as ("diff", delta) weight patches (so LoRAs stack with
+    it). `model` is left untouched. The clone remembers the stacked adapter (adapter_of).
     """
     check_fits(model, adapter, name)
     patch = get_tav_patch(model)

@@ -90,10 +90,10 @@ def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0,
     """DDIM-invert a clip: LATENT in ordinary latent units -> LATENT of the noise at the schedule's top.
 
     All frames go through the model together, unguided (cfg 1) with `conditioning`. strength < 1 stops
-    after the lowest round(strength * steps) steps of the schedule (not the paper: partial inversion, as
-    img2img's denoise; at least one step), so sampling starts from a less noisy clip. The result carries INVERSION_KEY:
-    {"steps", "sigmas" (descending, the sampler's; strength < 1: the schedule's tail), "frames",
-    "fixed_point_iterations", "schedule", "strength"}.
+    after the lowest round(strength * n) of the schedule's n steps (at least one; not the paper: partial
+    inversion, as img2img's denoise), so sampling starts from a less noisy clip. The result carries
+    INVERSION_KEY: {"steps", "sigmas" (descending, the sampler's; strength < 1: the schedule's tail),
+    "frames", "fixed_point_iterations", "schedule", "strength"}.
     """
     check_steps(steps)
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
