@@ -18,6 +18,8 @@ so `diffusion_model.<key>` names the block it belongs to (ComfyUI's UNet naming)
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import comfy.ops
@@ -29,13 +31,20 @@ TEMPORAL_INITS = ("identity", "tune_a_video")
 
 def frame_position_encoding(positions, channels: int, device=None, dtype=None) -> torch.Tensor:
     """(len(positions), channels): sin(i * w_k) at even channels 2k, cos(i * w_k) at odd ones,
-    w_k = 10000^(-2k/channels) ("Attention Is All You Need", section 3.5), for each frame index i."""
-    position = torch.tensor(list(positions), dtype=torch.float64)[:, None]
-    rate = torch.pow(10000.0, -torch.arange(0, channels, 2, dtype=torch.float64) / channels)
-    table = torch.zeros(len(position), channels, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(position * rate)
-    table[:, 1::2] = torch.cos(position * rate[: channels // 2])
-    return table.to(device=device, dtype=dtype)
+    w_k = 10000^(-2k/channels) ("Attention Is All You Need", section 3.5), for each frame index i.
+    Cached: every block of every denoising step asks for the same few tables (do not modify the result)."""
+    return _position_table(tuple(positions), channels, torch.device(device) if device else None, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _position_table(positions: tuple, channels: int, device, dtype) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor: serves sampling and tuning alike
+        position = torch.tensor(positions, dtype=torch.float64)[:, None]
+        rate = torch.pow(10000.0, -torch.arange(0, channels, 2, dtype=torch.float64) / channels)
+        table = torch.zeros(len(position), channels, dtype=torch.float64)
+        table[:, 0::2] = torch.sin(position * rate)
+        table[:, 1::2] = torch.cos(position * rate[: channels // 2])
+        return table.to(device=device, dtype=dtype)
 
 
 class TemporalAttention(torch.nn.Module):

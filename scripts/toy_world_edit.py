@@ -52,6 +52,7 @@ UNSEEN_EDITS = [
     (("green", "circle", "back_and_forth"), ["a red circle", "a green bar", "a yellow ring"]),
     (("yellow", "bar", "drop"), ["a blue bar", "a yellow circle", "a green ring"]),
 ]
+SCORE_FILES = {"held_out": "scores.json", "fresh": "scores_fresh.json", "unseen": "scores_unseen.json"}
 METHODS = {"tune_a_video": "Tune-A-Video (toy settings)",
            "no_positions": "Tune-A-Video, the paper's temporal attention (no frame positions)",
            "no_inversion": "Tune-A-Video, random start noise", "per_frame": "untuned, unpatched, per-frame inversion"}
@@ -159,7 +160,7 @@ def run(a) -> list[dict]:
     ckpt = Path(a.checkpoint) if a.checkpoint else build_toy_world.build(log=lambda s: print(s, file=sys.stderr))
     named = {"held_out": EDITS, "fresh": FRESH_EDITS, "unseen": UNSEEN_EDITS}
     edits = [(EDITS[0][0], [a.prompt or EDITS[0][1][0]])] if a.demo else named[a.edits]
-    scores = a.out / ("demo_scores.json" if a.demo else f"scores_{a.edits}.json".replace("_held_out", ""))
+    scores = a.out / ("demo_scores.json" if a.demo else SCORE_FILES[a.edits])
     server = comfy_runtime.ComfyServer(a.base_dir, checkpoints=[ckpt],
                                        extra_args=["--deterministic", "--use-pytorch-cross-attention"])
     rows = []
