@@ -22,6 +22,7 @@ import comfy.utils
 from comfy.ldm.modules.attention import BasicTransformerBlock
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
 
+from .feature_injection import injection_hook
 from .frame_attention import MODES, frame_attention
 from .frame_norm import clip_group_norm
 from .layout import clip_layout
@@ -132,6 +133,9 @@ class TAVPatch:
                     hook = functools.partial(_temporal_hook, self.temporal.block(path), layout.frames,
                                              layout.positions if self.config.temporal_position_encoding else None)
                     handles.append(unet.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
+            injection = injection_hook(transformer_options, layout.positions)  # Invert feature_injection
+            if injection is not None:
+                handles.append(unet.get_submodule(injection[0]).register_forward_hook(injection[1]))
             if self.config.frame_shared_norm and layout.frames > 1:
                 hook = functools.partial(_norm_hook, layout.clips)
                 self.live_norm_hooks = {unet.get_submodule(p): hook for p in self.norm_paths}

@@ -17,6 +17,8 @@ import comfy.samplers
 import comfy.utils
 import latent_preview  # ComfyUI's own module (progress bar + previews), like nodes.common_ksampler
 
+from ..attention_patches.feature_injection import STORE_KEY, FeatureStore, injection_path
+from ..attention_patches.unet_patch import get_tav_patch, unet_of
 from .ddim_inversion import inversion_sigmas, sample_ddim_inversion, vp_input_ratio
 from .validation import MAX_FIXED_POINT_ITERATIONS, check_latent, check_steps
 
@@ -86,14 +88,17 @@ class DDIMInversionSampler(comfy.samplers.Sampler):
 
 
 def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0, schedule="tune_a_video",
-                strength=1.0):
+                strength=1.0, feature_injection=0.0, injection_block=4):
     """DDIM-invert a clip: LATENT in ordinary latent units -> LATENT of the noise at the schedule's top.
 
     All frames go through the model together, unguided (cfg 1) with `conditioning`. strength < 1 stops
     after the lowest round(strength * n) of the schedule's n steps (at least one; not the paper: partial
     inversion, as img2img's denoise), so sampling starts from a less noisy clip. The result carries
     INVERSION_KEY: {"steps", "sigmas" (descending, the sampler's; strength < 1: the schedule's tail),
-    "frames", "fixed_point_iterations", "schedule", "strength"}.
+    "frames", "fixed_point_iterations", "schedule", "strength", "feature_injection", "injection_block"}
+    and, when feature_injection > 0 (not the paper: attention_patches.feature_injection), "feature_store":
+    the source's features at decoder block injection_block for the sampler's first round(feature_injection
+    * n) steps (at least one), which the Sampler then uses instead of the edit's.
     """
     check_steps(steps)
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
@@ -107,6 +112,10 @@ def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0,
     if not conditioning:
         raise ValueError("conditioning is empty. Connect CLIP Text Encode with an empty prompt "
                          "(Tune-A-Video inverts with \"\") or the clip's prompt.")
+    if isinstance(feature_injection, bool) or not isinstance(feature_injection, (int, float)) \
+            or not 0.0 <= feature_injection <= 1.0:
+        raise ValueError(f"feature_injection must be a number from 0.0 to 1.0, got {feature_injection!r}. "
+                         "0.0 injects nothing (Tune-A-Video).")
     samples = check_latent(latent, latent_channels(model))
     model_sampling = _eps_like(model, "Tune-A-Video Invert")
     sigmas = inversion_schedule(model, steps, schedule)
@@ -114,6 +123,13 @@ def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0,
         n = len(sigmas) - 1
         sigmas = sigmas[n - min(n, max(1, round(strength * n))):]
 
+    store = None
+    if feature_injection > 0:
+        n = len(sigmas) - 1
+        store = FeatureStore(samples.shape[0], sigmas[:max(1, round(feature_injection * n))],
+                             injection_path(unet_of(model), injection_block),
+                             comfy.model_management.intermediate_device())
+        model = _with_store(model, "record", store, "Tune-A-Video Invert")
     guider = comfy.samplers.CFGGuider(model)
     guider.inner_set_conds({"positive": conditioning})
     guider.set_cfg(1.0)
@@ -124,8 +140,22 @@ def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0,
                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
     out = out.to(comfy.model_management.intermediate_device())
     info = {"steps": steps, "sigmas": sigmas, "frames": samples.shape[0],
-            "fixed_point_iterations": fixed_point_iterations, "schedule": schedule, "strength": strength}
+            "fixed_point_iterations": fixed_point_iterations, "schedule": schedule, "strength": strength,
+            "feature_injection": feature_injection, "injection_block": injection_block}
+    if store is not None:
+        info["feature_store"] = store
     return {"samples": out, INVERSION_KEY: info}
+
+
+def _with_store(model, mode, store, node_name):
+    """A clone of a Tune-A-Video model that records into / replays from `store` (feature injection)."""
+    if get_tav_patch(model) is None:
+        raise ValueError(f"{node_name}: feature injection needs a Tune-A-Video model (connect it through "
+                         "Tune-A-Video Apply Attention, Tune or Load Adapter), or set feature_injection to 0.")
+    m = model.clone()
+    m.model_options["transformer_options"] = {**m.model_options.get("transformer_options", {}),
+                                              STORE_KEY: (mode, store)}
+    return m
 
 
 def sample_clip(model, positive, negative, latent, seed=0, steps=50, cfg=12.5, sampler_name="ddim",
@@ -152,6 +182,8 @@ def sample_clip(model, positive, negative, latent, seed=0, steps=50, cfg=12.5, s
         _check_inverted(latent, samples, inversion, steps, denoise)
         _eps_like(model, "Tune-A-Video Sampler with inverted latents")
         sigmas = inversion["sigmas"]
+        if inversion.get("feature_store") is not None:  # the source's decoder features, for the first steps
+            model = _with_store(model, "replay", inversion["feature_store"], "Tune-A-Video Sampler")
         noise = torch.zeros_like(samples)  # the inverted latents are already the noisy start
         noise_mask = None
     else:

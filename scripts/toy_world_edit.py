@@ -2,12 +2,12 @@
 
 For each held-out source clip (one object moving, 8 frames; trajectories, colours and shapes used by no
 test): workflows/tav_tune_and_edit_api.json tunes on the clip and its prompt, inverts it and samples
-each edited prompt, with the toy settings (per-frame GroupNorm, stronger tuning, cfg 3, and two settings
-past the paper: frame positions in the temporal attention and inversion to strength 0.8; README, the toy
-world). In the same graphs: the same with the paper's temporal attention (no frame positions), and two
-baselines: the untuned, unpatched model editing each frame on its own (inversion per frame, same strength),
-and Tune-A-Video without inversion (random start noise). Every result is
-scored from its frames alone (sampling/toy_world.py: edit accuracy, motion error, colour/size spread,
+each edited prompt, with the toy settings (per-frame GroupNorm, stronger tuning, cfg 3, and three settings
+past the paper: frame positions in the temporal attention, inversion to strength 0.8 and Plug-and-Play
+feature injection; README, the toy world). In the same graphs: the same tuned model without feature
+injection, and two baselines: the untuned, unpatched model editing each frame on its own (inversion per
+frame, same strength, no injection), and Tune-A-Video without inversion (random start noise). Every result
+is scored from its frames alone (sampling/toy_world.py: edit accuracy, motion error, colour/size spread,
 background kept).
 
     python scripts/toy_world_edit.py                    # all 12 edits; table + strip in out/toy_world/
@@ -53,8 +53,8 @@ UNSEEN_EDITS = [
     (("yellow", "bar", "drop"), ["a blue bar", "a yellow circle", "a green ring"]),
 ]
 SCORE_FILES = {"held_out": "scores.json", "fresh": "scores_fresh.json", "unseen": "scores_unseen.json"}
-METHODS = {"tune_a_video": "Tune-A-Video (toy settings)",
-           "no_positions": "Tune-A-Video, the paper's temporal attention (no frame positions)",
+METHODS = {"tune_a_video": "Tune-A-Video (toy settings, feature injection)",
+           "no_injection": "Tune-A-Video, no feature injection (same tuned model)",
            "no_inversion": "Tune-A-Video, random start noise", "per_frame": "untuned, unpatched, per-frame inversion"}
 
 
@@ -75,6 +75,7 @@ def edit_graph(clip_dir: str, ckpt: str, source_prompt: str, edited: str, a) -> 
     p[apply]["inputs"]["frame_shared_norm"] = False
     p[apply]["inputs"]["temporal_position_encoding"] = a.position_encoding == "on"
     p[invert]["inputs"]["strength"] = a.strength  # every inverted method, the per-frame baseline too
+    p[invert]["inputs"].update(feature_injection=a.feature_injection, injection_block=a.injection_block)
     p[tune]["inputs"].update(learning_rate=a.lr, seed=a.seed, gradient_checkpointing=False)
     if a.invert_with == "source":  # invert with the clip's own prompt (TAV inverts with ""): the edit keeps
         p[invert]["inputs"]["conditioning"] = p[tune]["inputs"]["positive"]  # the motion (README)
@@ -86,19 +87,17 @@ def edit_graph(clip_dir: str, ckpt: str, source_prompt: str, edited: str, a) -> 
     p["101"] = {"class_type": "TuneAVideoSampler", "inputs": {**s, "latent": ["100", 0]}}
     p["102"] = {"class_type": "VAEDecode", "inputs": {"samples": ["101", 0], "vae": vae}}
     decoded["no_inversion"] = ["102", 0]
-    p["110"] = {"class_type": "TuneAVideoInvert", "inputs": {**p[invert]["inputs"], "model": ckpt_model}}
+    p["110"] = {"class_type": "TuneAVideoInvert",  # the untuned, unpatched model: no feature injection
+                "inputs": {**p[invert]["inputs"], "model": ckpt_model, "feature_injection": 0.0}}
     p["111"] = {"class_type": "TuneAVideoSampler", "inputs": {**s, "model": ckpt_model, "latent": ["110", 0]}}
     p["112"] = {"class_type": "VAEDecode", "inputs": {"samples": ["111", 0], "vae": vae}}
     decoded["per_frame"] = ["112", 0]
-    if a.demo or a.position_encoding == "off":  # the demo: the edit and both baselines
+    if a.demo or not a.feature_injection:  # the demo: the edit and both baselines
         return _save_all(p, decoded)
-    p["130"] = {"class_type": "TuneAVideoApplyAttention",
-                "inputs": {**p[apply]["inputs"], "temporal_position_encoding": False}}
-    p["131"] = {"class_type": "TuneAVideoTune", "inputs": {**p[tune]["inputs"], "model": ["130", 0]}}
-    p["132"] = {"class_type": "TuneAVideoInvert", "inputs": {**p[invert]["inputs"], "model": ["131", 0]}}
-    p["133"] = {"class_type": "TuneAVideoSampler", "inputs": {**s, "model": ["131", 0], "latent": ["132", 0]}}
+    p["132"] = {"class_type": "TuneAVideoInvert", "inputs": {**p[invert]["inputs"], "feature_injection": 0.0}}
+    p["133"] = {"class_type": "TuneAVideoSampler", "inputs": {**s, "latent": ["132", 0]}}
     p["134"] = {"class_type": "VAEDecode", "inputs": {"samples": ["133", 0], "vae": vae}}
-    decoded["no_positions"] = ["134", 0]
+    decoded["no_injection"] = ["134", 0]
     return _save_all(p, decoded)
 
 
@@ -225,14 +224,21 @@ def main(argv=None) -> int:
     p.add_argument("--invert-with", choices=("source", "empty"), default="source",
                    help="the prompt DDIM inversion conditions on: the source clip's (default) or \"\" (TAV's)")
     p.add_argument("--position-encoding", choices=("on", "off"), default="on",
-                   help="frame positions in the temporal attention (past the paper; on adds a row without them)")
+                   help="frame positions in the temporal attention (past the paper)")
     p.add_argument("--strength", type=float, default=0.8,
                    help="how far up the schedule to invert (1.0: Tune-A-Video's full inversion)")
+    p.add_argument("--feature-injection", type=float, default=0.8,
+                   help="share of sampling steps fed the source's decoder features (past the paper: "
+                        "Plug-and-Play; above 0 adds a row without it, on the same tuned model; 0: off)")
+    p.add_argument("--injection-block", type=int, default=2,
+                   help="the decoder block injected (this UNet has 4; Plug-and-Play's 4 is for SD1.5's 12)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-dir", type=Path, default=comfy_runtime.PACK_DIR / "out" / "toy_world" / "comfy")
     a = p.parse_args(argv)
     if not 0.05 <= a.strength <= 1.0:
         p.error(f"--strength must be from 0.05 to 1.0 (Invert's range), got {a.strength}")
+    if not 0.0 <= a.feature_injection <= 1.0:
+        p.error(f"--feature-injection must be from 0.0 to 1.0 (Invert's range), got {a.feature_injection}")
     if a.demo and a.edits != "held_out":
         p.error(f"--demo and --{a.edits}: choose one")
     if a.prompt:

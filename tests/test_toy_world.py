@@ -181,6 +181,7 @@ def test_held_out_fresh_and_unseen_edits_are_distinct_clips_with_each_kind_of_ed
     for flag in ("--fresh", "--unseen"):
         with pytest.raises(SystemExit):
             toy_world_edit.main(["--demo", flag])
-    for bad in (["--fresh", "--unseen"], ["--strength", "1.5"], ["--strength", "0"]):
+    for bad in (["--fresh", "--unseen"], ["--strength", "1.5"], ["--strength", "0"],
+                ["--feature-injection", "1.5"]):
         with pytest.raises(SystemExit):
             toy_world_edit.main(bad)

@@ -227,7 +227,7 @@ def test_toy_world_edit_graph_runs_every_method(server, random_checkpoint):
     import toy_world_edit
 
     a = argparse.Namespace(demo=False, steps=2, cfg=3.0, tune_steps=2, lr=1e-4, seed=0, invert_with="source",
-                           position_encoding="on", strength=0.5)
+                           position_encoding="on", strength=0.5, feature_injection=0.8, injection_block=2)
     (colour, shape, kind), targets = toy_world_edit.EDITS[0]
     source, clip_dir = toy_world_edit.write_clip(server.base_dir, colour, shape, kind)
     results, clips = toy_world_edit.edit_once(server, a, random_checkpoint.name, source, clip_dir, colour,
@@ -236,16 +236,19 @@ def test_toy_world_edit_graph_runs_every_method(server, random_checkpoint):
     for method in toy_world_edit.METHODS:
         assert clips[method].shape == (toy_world_edit.FRAMES, toy_world_edit.SIZE, toy_world_edit.SIZE, 3)
         assert 0 <= results[method]["edit_accuracy"] <= 1
-    # Same tuning seed and settings; only the temporal attention's frame positions differ
-    assert not torch.equal(clips["tune_a_video"], clips["no_positions"])
+    # The same tuned model and inversion; only the feature injection differs
+    assert not torch.equal(clips["tune_a_video"], clips["no_injection"])
 
     def nodes(**change):
         graph = toy_world_edit.edit_graph(clip_dir, "x.safetensors", "a red ring", "a red bar",
                                           argparse.Namespace(**{**vars(a), **change}))
         return lambda kind, key: [n["inputs"][key] for n in graph.values() if n["class_type"] == kind]
     full = nodes()
-    assert sorted(full("TuneAVideoApplyAttention", "temporal_position_encoding")) == [False, True]
+    assert full("TuneAVideoApplyAttention", "temporal_position_encoding") == [True]
     assert full("TuneAVideoInvert", "strength") == [0.5] * 3  # both Tune-A-Video rows and the per-frame baseline
+    assert sorted(full("TuneAVideoInvert", "feature_injection")) == [0.0, 0.0, 0.8]  # per-frame: never
+    assert set(full("TuneAVideoInvert", "injection_block")) == {2}
+    assert "no_injection" not in str(nodes(feature_injection=0.0))
     demo = nodes(demo=True)
     assert demo("TuneAVideoApplyAttention", "frame_shared_norm") == [False]  # the demo runs the toy setting only
     assert demo("TuneAVideoApplyAttention", "temporal_position_encoding") == [True]
