@@ -227,7 +227,7 @@ def main(argv=None) -> int:
                    help="frame positions in the temporal attention (past the paper)")
     p.add_argument("--strength", type=float, default=0.8,
                    help="how far up the schedule to invert (1.0: Tune-A-Video's full inversion)")
-    p.add_argument("--feature-injection", type=float, default=0.8,
+    p.add_argument("--feature-injection", type=float, default=0.5,
                    help="share of sampling steps fed the source's decoder features (past the paper: "
                         "Plug-and-Play; above 0 adds a row without it, on the same tuned model; 0: off)")
     p.add_argument("--injection-block", type=int, default=2,
