@@ -17,7 +17,7 @@ and fetches ComfyUI 0.3.75 into .cache; nothing comes from model hubs.
                    along an arc, edits it to --prompt (default "a yellow ring"; any "a <red|green|
                    blue|yellow> <circle|ring|bar>") and prints the edit's scores. Other options
                    go to scripts/toy_world_edit.py (--tune-steps, --lr, --steps, --cfg, --invert-with,
-                   --position-encoding on|off, --strength, --seed).
+                   --position-encoding on|off, --strength, --feature-injection, --injection-block, --seed).
   --ckpt FILE      an SD1.5 checkpoint file (.safetensors): Tune-A-Video's settings (tune 500 steps,
                    24 frames at 512x512, 50 DDIM steps, cfg 12.5; a GPU job) on a generated 2-second
                    sample clip.
