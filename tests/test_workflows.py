@@ -248,7 +248,8 @@ def test_toy_world_edit_graph_runs_every_method(server, random_checkpoint):
     assert full("TuneAVideoInvert", "strength") == [0.5] * 3  # both Tune-A-Video rows and the per-frame baseline
     assert sorted(full("TuneAVideoInvert", "feature_injection")) == [0.0, 0.0, 0.8]  # per-frame: never
     assert set(full("TuneAVideoInvert", "injection_block")) == {2}
-    assert "no_injection" not in str(nodes(feature_injection=0.0))
+    assert "toy_world/no_injection" in full("SaveImage", "filename_prefix")
+    assert "toy_world/no_injection" not in nodes(feature_injection=0.0)("SaveImage", "filename_prefix")
     demo = nodes(demo=True)
     assert demo("TuneAVideoApplyAttention", "frame_shared_norm") == [False]  # the demo runs the toy setting only
     assert demo("TuneAVideoApplyAttention", "temporal_position_encoding") == [True]
