@@ -8,7 +8,7 @@ feature injection; README, the toy world). In the same graphs: the same tuned mo
 injection, and two baselines: the untuned, unpatched model editing each frame on its own (inversion per
 frame, same strength, no injection), and Tune-A-Video without inversion (random start noise). Every result
 is scored from its frames alone (sampling/toy_world.py: edit accuracy, motion error, colour/size spread,
-background kept).
+background kept), next to the scores of a perfect edit through the VAE (the floor no method can beat).
 
     python scripts/toy_world_edit.py                    # all 12 edits; table + strip in out/toy_world/
     python scripts/toy_world_edit.py --fresh            # 12 more edits (used to choose the settings past the paper)
@@ -56,6 +56,7 @@ SCORE_FILES = {"held_out": "scores.json", "fresh": "scores_fresh.json", "unseen"
 METHODS = {"tune_a_video": "Tune-A-Video (toy settings, feature injection)",
            "no_injection": "Tune-A-Video, no feature injection (same tuned model)",
            "no_inversion": "Tune-A-Video, random start noise", "per_frame": "untuned, unpatched, per-frame inversion"}
+IDEAL = "a perfect edit through the VAE (the floor; no model)"
 
 
 def edit_graph(clip_dir: str, ckpt: str, source_prompt: str, edited: str, a) -> dict:
@@ -149,7 +150,23 @@ def edit_once(server, a, ckpt_name: str, source, clip_dir: str, colour: str, sha
     for method in [m for m in METHODS if m in clips]:
         clips[method] = _frames(sorted(clips[method]))
         results[method] = toy_world.score_edit(clips[method], source, *toy_world.parse_prompt(edited))
+    results["ideal"] = ideal_scores(colour, shape, kind, edited)
     return results, clips
+
+
+def ideal_scores(colour: str, shape: str, kind: str, edited: str) -> dict:
+    """Scores of a perfect edit: the edited object drawn on the source's path, through the toy VAE.
+
+    What no method can beat in this world (the VAE rounds edges differently at each position, so even this
+    clip has some size spread); the toy VAE's reference functions, which the tests check against ComfyUI's.
+    """
+    import toy_vae
+
+    toy_world = build_toy_world.load_pack_modules()[0]
+    target = toy_world.parse_prompt(edited)
+    perfect = toy_world.render_clip(*target, kind, FRAMES, SIZE)
+    decoded = toy_vae.decode_reference(toy_vae.encode_reference(perfect))
+    return toy_world.score_edit(decoded, toy_world.render_clip(colour, shape, kind, FRAMES, SIZE), *target)
 
 
 def run(a) -> list[dict]:
@@ -196,7 +213,7 @@ def table(rows) -> str:
     lines = ["| method | edits | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     groups = {"all": rows, "colour only": [r for r in rows if edit_kind(r) == "colour"],
               "shape changed": [r for r in rows if edit_kind(r) != "colour"]}
-    for method, label in METHODS.items():
+    for method, label in {**METHODS, "ideal": IDEAL}.items():
         if method not in rows[0]:
             continue
         for group, rs in groups.items():

@@ -185,3 +185,20 @@ def test_held_out_fresh_and_unseen_edits_are_distinct_clips_with_each_kind_of_ed
                 ["--feature-injection", "1.5"]):
         with pytest.raises(SystemExit):
             toy_world_edit.main(bad)
+
+
+def test_ideal_edit_is_the_floor_every_method_is_compared_with(tw):
+    """The perfect edit through the VAE: every frame right and on the source's path; its spread is the
+    rasterisation's and the VAE's rounding alone (small, not zero); the score table prints it as a row."""
+    import toy_world_edit
+
+    (colour, shape, kind), targets = toy_world_edit.EDITS[1]
+    rows = []
+    for edited in targets:
+        ideal = toy_world_edit.ideal_scores(colour, shape, kind, edited)
+        assert ideal["edit_accuracy"] == 1.0 and ideal["background_kept"] == 1.0
+        assert ideal["motion_error_px"] < 1.0 and ideal["colour_spread"] < 0.01
+        assert 0 < ideal["size_spread"] < 0.05
+        rows.append({"source": tw.prompt(colour, shape), "edited": edited, "ideal": ideal})
+    table = toy_world_edit.table(rows)
+    assert toy_world_edit.IDEAL in table and "| all (12) |" not in table and "| all (3) |" in table

@@ -236,6 +236,7 @@ def test_toy_world_edit_graph_runs_every_method(server, random_checkpoint):
     for method in toy_world_edit.METHODS:
         assert clips[method].shape == (toy_world_edit.FRAMES, toy_world_edit.SIZE, toy_world_edit.SIZE, 3)
         assert 0 <= results[method]["edit_accuracy"] <= 1
+    assert results["ideal"]["edit_accuracy"] == 1.0  # the floor row: the perfect edit, not a model's
     # The same tuned model and inversion; only the feature injection differs
     assert not torch.equal(clips["tune_a_video"], clips["no_injection"])
 
