@@ -223,6 +223,18 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def paired(rows, method="tune_a_video", baseline="per_frame") -> str:
+    """Consistency edit by edit: method minus baseline spread (mean, median, how often the method's is lower)."""
+    lines = []
+    for key in ("colour_spread", "size_spread"):
+        d = sorted(r[method][key] - r[baseline][key] for r in rows if method in r and baseline in r)
+        if d:
+            median = (d[(len(d) - 1) // 2] + d[len(d) // 2]) / 2
+            lines.append(f"{key}, {method} minus {baseline}, per edit: mean {sum(d) / len(d):+.4f}, median "
+                         f"{median:+.4f}, lower in {sum(x < 0 for x in d)} of {len(d)}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", action="store_true", help="one edit only: a green ring on an arc")
@@ -270,6 +282,7 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     rows = run(a)
     print(table(rows))
+    print(paired(rows))
     if a.demo:
         r = rows[0]
         print(f"\nSource clip: {r['source']} moving along an {r['trajectory']}; edited prompt: {r['edited']}")

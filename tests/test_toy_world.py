@@ -202,3 +202,10 @@ def test_ideal_edit_is_the_floor_every_method_is_compared_with(tw):
         rows.append({"source": tw.prompt(colour, shape), "edited": edited, "ideal": ideal})
     table = toy_world_edit.table(rows)
     assert toy_world_edit.IDEAL in table and "| all (12) |" not in table and "| all (3) |" in table
+    spreads = [(0.05, 0.04), (0.03, 0.06)]  # (Tune-A-Video, per-frame) size spread of two edits
+    rows = [{"tune_a_video": {"colour_spread": 0.0, "size_spread": t},
+             "per_frame": {"colour_spread": 0.0, "size_spread": p}} for t, p in spreads]
+    colour, size = toy_world_edit.paired(rows).splitlines()
+    assert size == ("size_spread, tune_a_video minus per_frame, per edit: mean -0.0100, median -0.0100, "
+                    "lower in 1 of 2")
+    assert colour.endswith("mean +0.0000, median +0.0000, lower in 0 of 2")
