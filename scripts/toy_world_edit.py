@@ -150,12 +150,12 @@ def edit_once(server, a, ckpt_name: str, source, clip_dir: str, colour: str, sha
     for method in [m for m in METHODS if m in clips]:
         clips[method] = _frames(sorted(clips[method]))
         results[method] = toy_world.score_edit(clips[method], source, *toy_world.parse_prompt(edited))
-    results["ideal"] = ideal_scores(colour, shape, kind, edited)
+    results["ideal"] = ideal_scores(source, kind, edited)
     return results, clips
 
 
-def ideal_scores(colour: str, shape: str, kind: str, edited: str) -> dict:
-    """Scores of a perfect edit: the edited object drawn on the source's path, through the toy VAE.
+def ideal_scores(source, kind: str, edited: str) -> dict:
+    """Scores of a perfect edit of `source` (IMAGE): the edited object drawn on its path, through the toy VAE.
 
     What no method can beat in this world (the VAE rounds edges differently at each position, so even this
     clip has some size spread); the toy VAE's reference functions, which the tests check against ComfyUI's.
@@ -166,7 +166,7 @@ def ideal_scores(colour: str, shape: str, kind: str, edited: str) -> dict:
     target = toy_world.parse_prompt(edited)
     perfect = toy_world.render_clip(*target, kind, FRAMES, SIZE)
     decoded = toy_vae.decode_reference(toy_vae.encode_reference(perfect))
-    return toy_world.score_edit(decoded, toy_world.render_clip(colour, shape, kind, FRAMES, SIZE), *target)
+    return toy_world.score_edit(decoded, source, *target)
 
 
 def run(a) -> list[dict]:

@@ -194,8 +194,9 @@ def test_ideal_edit_is_the_floor_every_method_is_compared_with(tw):
 
     (colour, shape, kind), targets = toy_world_edit.EDITS[1]
     rows = []
+    source = tw.render_clip(colour, shape, kind, toy_world_edit.FRAMES, toy_world_edit.SIZE)
     for edited in targets:
-        ideal = toy_world_edit.ideal_scores(colour, shape, kind, edited)
+        ideal = toy_world_edit.ideal_scores(source, kind, edited)
         assert ideal["edit_accuracy"] == 1.0 and ideal["background_kept"] == 1.0
         assert ideal["motion_error_px"] < 1.0 and ideal["colour_spread"] < 0.01
         assert 0 < ideal["size_spread"] < 0.05
