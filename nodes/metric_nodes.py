@@ -1,10 +1,18 @@
 """Video metric nodes: CLIP frame consistency, CLIP text alignment (Tune-A-Video, LOVEU-TGVE) and the
 toy world's edit scores. The math lives in sampling/clip_metrics.py and sampling/toy_world.py."""
 from ..sampling import clip_metrics, toy_world
+from ..sampling.validation import check_images
+
+
+def _finite(embeds, name: str):
+    if not embeds.isfinite().all():  # finite frames, so the model itself overflowed or is damaged
+        raise ValueError(f"{name} returned NaN or infinite embeddings for finite frames: the model file is damaged "
+                         "or overflows in fp16. Load another file, or start ComfyUI with --fp32-text-enc.")
+    return embeds
 
 
 def _image_embeds(clip_vision, images):
-    return clip_vision.encode_image(images, crop=True)["image_embeds"].detach().float()
+    return _finite(clip_vision.encode_image(images, crop=True)["image_embeds"].detach().float(), "clip_vision")
 
 
 class TuneAVideoCLIPFrameConsistency:
@@ -28,6 +36,7 @@ class TuneAVideoCLIPFrameConsistency:
         }}
 
     def score(self, clip_vision, images, pairs):
+        check_images(images, min_frames=2, why="frame consistency (a similarity between frames)")
         sims = clip_metrics.pair_similarities(_image_embeds(clip_vision, images), pairs)
         return 100 * float(sims.mean()), clip_metrics.plot_values(sims, hi=1.0)
 
@@ -52,13 +61,14 @@ class TuneAVideoCLIPTextAlignment:
         }}
 
     def score(self, clip_vision, clip, images, text):
+        check_images(images)
         _, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-        scores = clip_metrics.frame_scores(_image_embeds(clip_vision, images), pooled.detach().float())
+        scores = clip_metrics.frame_scores(_image_embeds(clip_vision, images), _finite(pooled.detach().float(), "clip"))
         return float(scores.mean()), clip_metrics.plot_values(scores, lo=0.0, hi=40.0)
 
 
 class TuneAVideoToyWorldScore:
-    DESCRIPTION = ("Scores a toy-world edit from the frames alone (scripts/build_toy_world.py): edit accuracy "
+    DESCRIPTION = ("Scores a toy-world edit from the frames alone (scripts/toy_world/build_toy_world.py): edit accuracy "
                    "(share of frames whose object has the prompt's colour and shape), motion error (pixels "
                    "between edited and source object centroids), colour and size spread across frames, and "
                    "the share of background kept.")

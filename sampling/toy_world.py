@@ -1,6 +1,6 @@
 """The toy world: one flat-coloured object on black, its clips, and scores computed from frames alone.
 
-A closed vocabulary small enough to train a checkpoint for on a CPU (scripts/build_toy_world.py) and
+A closed vocabulary small enough to train a checkpoint for on a CPU (scripts/toy_world/build_toy_world.py) and
 to score an edit automatically: prompts are "a <colour> <shape>" with COLOURS x SHAPES. An object has
 a colour, a shape, a size (object_size(frame_size), the same for every shape) and a position: its area
 centroid in pixels (x, y). A clip is the object moved along a trajectory (TRAJECTORIES).

@@ -16,7 +16,7 @@ and fetches ComfyUI 0.3.75 into .cache; nothing comes from model hubs.
                    (about 12 min on 2 cores; cached in .cache/toy_world/), tunes on a green ring moving
                    along an arc, edits it to --prompt (default "a yellow ring"; any "a <red|green|
                    blue|yellow> <circle|ring|bar>") and prints the edit's scores. Other options
-                   go to scripts/toy_world_edit.py (--tune-steps, --lr, --steps, --cfg, --invert-with,
+                   go to scripts/toy_world/toy_world_edit.py (--tune-steps, --lr, --steps, --cfg, --invert-with,
                    --position-encoding on|off, --strength, --feature-injection, --injection-block, --seed).
   --ckpt FILE      an SD1.5 checkpoint file (.safetensors): Tune-A-Video's settings (tune 500 steps,
                    24 frames at 512x512, 50 DDIM steps, cfg 12.5; a GPU job) on a generated 2-second
@@ -26,7 +26,7 @@ and fetches ComfyUI 0.3.75 into .cache; nothing comes from model hubs.
   --prompt TEXT    the edited prompt (default with --ckpt/--random: an oil-painted sun and kite)
   -h, --help       this help
 
-With --ckpt or --random, other options go to scripts/run_workflow.py, e.g. --seed 1, --tune-steps 300, --precision fp16,
+With --ckpt or --random, other options go to scripts/client/run_workflow.py, e.g. --seed 1, --tune-steps 300, --precision fp16,
 --source-prompt "...", --server http://127.0.0.1:8188 (a running ComfyUI; --ckpt may then be a
 name it lists). Environment: COMFYUI_PATH (your own ComfyUI), TAV_VENV (default .venv).
 EOF
@@ -48,20 +48,20 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$CKPT" ] && [ "$RANDOM_CKPT" = 1 ] && die "give --ckpt or --random, not both"
 if [ -z "$CKPT" ] && [ "$RANDOM_CKPT" = 0 ]; then
-  scripts/setup.sh
+  scripts/env/setup.sh
   echo "No --ckpt given: the toy world (first run builds its checkpoint, about 12 min on 2 cores)." >&2
-  exec "${TAV_VENV:-.venv}/bin/python" scripts/toy_world_edit.py --demo ${PROMPT:+--prompt "$PROMPT"} \
+  exec "${TAV_VENV:-.venv}/bin/python" scripts/toy_world/toy_world_edit.py --demo ${PROMPT:+--prompt "$PROMPT"} \
     ${EXTRA[@]+"${EXTRA[@]}"}
 fi
 [ -n "$PROMPT" ] || PROMPT="a glowing orange sun drifting over a purple sea, a blue kite bobbing in the sky, oil painting"
 WORKFLOW=workflows/tav_tune_and_edit_api.json
 # Check the arguments now (stdlib Python), not after minutes of setup and a server start.
-"${PYTHON:-python3}" scripts/run_workflow.py "$WORKFLOW" --check-args --prompt "$PROMPT" \
+"${PYTHON:-python3}" scripts/client/run_workflow.py "$WORKFLOW" --check-args --prompt "$PROMPT" \
   ${CKPT:+--checkpoint "$CKPT"} ${EXTRA[@]+"${EXTRA[@]}"} || die "fix the arguments above"
 
-scripts/setup.sh
+scripts/env/setup.sh
 PY="${TAV_VENV:-.venv}/bin/python"
-CLIP=$("$PY" scripts/make_sample_clip.py out/tav_sample.mp4)  # 2 s, 24 fps, 512x512, deterministic
+CLIP=$("$PY" scripts/toy_world/make_sample_clip.py out/tav_sample.mp4)  # 2 s, 24 fps, 512x512, deterministic
 
 # Tuning precision: bf16 autocast on a GPU (TAV's default); fp32 on a CPU, where bf16 autocast runs
 # but is slower than fp32. A later --precision in the arguments wins.
@@ -72,13 +72,13 @@ if [ -n "$CKPT" ]; then
   SETTINGS=(--tune-steps 500 --precision "$PRECISION" --frames 24 --width 512 --height 512 --steps 50 --cfg 12.5)
   echo "Checkpoint: $CKPT (Tune-A-Video settings; ~10-20 min on a GPU, a day on a CPU)" >&2
 else
-  CKPT=$("$PY" scripts/comfy_runtime.py checkpoint)
+  CKPT=$("$PY" scripts/models/random_models.py checkpoint)
   SETTINGS=(--tune-steps 5 --precision "$PRECISION" --frames 8 --width 64 --height 64 --steps 10)
   echo "--random: using a random-weight SD1.5 checkpoint ($CKPT)." >&2
   echo "Random weights prove the pipeline runs end to end; the picture is noise, not an edit." >&2
 fi
 
-OUT=$("$PY" scripts/run_workflow.py "$WORKFLOW" --video "$CLIP" \
+OUT=$("$PY" scripts/client/run_workflow.py "$WORKFLOW" --video "$CLIP" \
       --checkpoint "$CKPT" --prompt "$PROMPT" --deterministic "${SETTINGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"})
 echo "Adapter written to:"
 grep '\.safetensors$' <<<"$OUT" || true

@@ -6,10 +6,10 @@
 # Fails if any run fails or runs no test. Extra arguments go to pytest: scripts/test.sh -k frame_attention
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup_browser.sh
+scripts/env/setup_browser.sh
 
 # "own" (the user's ComfyUI), else the bundled runtimes available here (TAV_COMFYUI narrows them).
-read -r -a RUNTIMES <<<"$(${PYTHON:-python3} scripts/comfy_runtime.py runtimes)"
+read -r -a RUNTIMES <<<"$(${PYTHON:-python3} scripts/env/comfy_runtime.py runtimes)"
 
 failed=()
 for runtime in "${RUNTIMES[@]}"; do
@@ -17,7 +17,7 @@ for runtime in "${RUNTIMES[@]}"; do
   [ "$runtime" = own ] || export TAV_COMFYUI=$runtime
   echo "=== ComfyUI $runtime (environment $venv) ===" >&2
   start=$SECONDS
-  TAV_VENV=$venv scripts/setup.sh
+  TAV_VENV=$venv scripts/env/setup.sh
   echo "setup: $((SECONDS - start)) s" >&2
   start=$SECONDS
   # pytest exits 5 when it collected nothing; tests/conftest.py also fails a run in which no test passed.

@@ -6,9 +6,12 @@ import pytest
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK_DIR / "scripts"))
+import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import comfy_runtime  # noqa: E402
+import random_models  # noqa: E402
 
 comfy_runtime.import_comfy()
 
@@ -49,7 +52,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def random_checkpoint():
-    return comfy_runtime.random_checkpoint()
+    return random_models.random_checkpoint()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Helpers for tests: the pack as a package, tiny UNets (built in scripts/random_models.py), model calls."""
+"""Helpers for tests: the pack as a package, tiny UNets (built in scripts/models/random_models.py), model calls."""
 import importlib
 import uuid
 from pathlib import Path

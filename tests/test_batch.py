@@ -1,4 +1,4 @@
-"""Batch editing on Ray (scripts/run_batch.py): the real CLI, Ray started in it, 2 workers each owning a
+"""Batch editing on Ray (scripts/batch/run_batch.py): the real CLI, Ray started in it, 2 workers each owning a
 real ComfyUI server, the shipped tune-and-edit workflow at a tiny size on the random checkpoint."""
 import json
 import os
@@ -35,7 +35,7 @@ def write_jsonl(path, rows):
 
 def batch(manifest, work, checkpoint, *extra, timeout=600, on_poll=None):
     """Run the CLI with 2 workers; (exit status, stderr, results by id)."""
-    cmd = [sys.executable, str(PACK_DIR / "scripts" / "run_batch.py"), str(manifest), "--workers", "2",
+    cmd = [sys.executable, str(PACK_DIR / "scripts" / "batch" / "run_batch.py"), str(manifest), "--workers", "2",
            "--work-dir", str(work), "--checkpoint", str(checkpoint), *SMALL, *extra]
     log = work.parent / f"{work.name}.stderr"
     with log.open("w") as err:

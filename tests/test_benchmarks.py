@@ -12,7 +12,7 @@ COLUMNS = ["row", "dtype", "ckpt", "ms each", "total", "unit", "peak MiB", "targ
 
 def test_gpu_benchmark_dry_run_prints_one_complete_table():
     env = dict(os.environ, PYTHON=sys.executable)
-    out = subprocess.run([str(ROOT / "scripts" / "benchmark_gpu.sh"), "--dry-run"], capture_output=True, text=True,
+    out = subprocess.run([str(ROOT / "scripts" / "benchmarks" / "benchmark_gpu.sh"), "--dry-run"], capture_output=True, text=True,
                          env=env, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("|")]

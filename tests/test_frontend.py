@@ -4,7 +4,7 @@ One browser session (tests/browser/frontend_check.mjs, playwright-core driving D
 checks: every node of the pack in the Node Library under its display name; every shipped UI workflow
 loading with all node types known, every link intact and no missing-nodes dialog; the text-to-video
 workflow, shrunk, queued with the Run button, finishing with its video preview on the page.
-Screenshots go to test-artifacts/frontend/. scripts/setup_browser.sh (run by scripts/test.sh) installs chromium and playwright-core;
+Screenshots go to test-artifacts/frontend/. scripts/env/setup_browser.sh (run by scripts/test.sh) installs chromium and playwright-core;
 without them these tests fail (they never skip).
 """
 import json
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import comfy_runtime
+import random_models
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 SCRIPT = PACK_DIR / "tests" / "browser" / "frontend_check.mjs"
@@ -28,7 +28,7 @@ CATEGORY = "Tune-A-Video"
 RUN_WORKFLOW = "tav_text_to_video.json"
 RUN_SIZE = dict(width=64, height=64, frames=4, steps=2)
 RUN_PREFIX = "TuneAVideo/frontend_test"
-SETUP_HINT = "run scripts/setup_browser.sh (as root it installs Debian's chromium and playwright-core into .cache/node)"
+SETUP_HINT = "run scripts/env/setup_browser.sh (as root it installs Debian's chromium and playwright-core into .cache/node)"
 
 
 def _browser_tools():
@@ -71,7 +71,7 @@ def frontend(server, pack_nodes, tmp_path_factory):
     run_graph = json.loads((PACK_DIR / "workflows" / RUN_WORKFLOW).read_text())
     seed = random.randrange(1, 2**31)  # a fresh seed: ComfyUI would otherwise reuse a cached result
     widgets = [
-        ["CheckpointLoaderSimple", "ckpt_name", comfy_runtime.CHECKPOINT_NAME],
+        ["CheckpointLoaderSimple", "ckpt_name", random_models.CHECKPOINT_NAME],
         ["EmptyLatentImage", "width", RUN_SIZE["width"]],
         ["EmptyLatentImage", "height", RUN_SIZE["height"]],
         ["EmptyLatentImage", "batch_size", RUN_SIZE["frames"]],
@@ -177,7 +177,7 @@ def test_workflow_queued_from_the_ui_shows_its_video(frontend):
     by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
     assert by_type["TuneAVideoSampler"]["steps"] == RUN_SIZE["steps"]
     assert by_type["EmptyLatentImage"]["batch_size"] == RUN_SIZE["frames"]
-    assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == comfy_runtime.CHECKPOINT_NAME
+    assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == random_models.CHECKPOINT_NAME
     # the save node ran (not served from cache) and reported the file
     executed = [e["detail"] for e in out["events"] if e["type"] == "executed"]
     saved = [img for d in executed for img in d["output"].get("images", [])]

@@ -77,3 +77,53 @@ def test_floors_import_only_downwards():
                     if target in FLOORS[:floor_index]:
                         upward.append(f"{path.relative_to(PACK)} imports {target}")
     assert upward == []
+
+
+def scripts_import_graph():
+    """{module: {script modules it imports}} over scripts/ (lazy imports inside functions included)."""
+    files = {p.stem: p for p in (PACK / "scripts").rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+        graph[name] = found & set(files) - {name}
+    return graph
+
+
+def test_scripts_sit_in_purpose_folders_with_unique_names():
+    """Scripts import each other by flat name (scripts/_paths.py), so a name may exist only once."""
+    import _paths
+
+    folders = {Path(f).name for f in _paths.FOLDERS}
+    scripts = [p.relative_to(PACK / "scripts") for p in (PACK / "scripts").rglob("*.py")]
+    loose = [str(p) for p in scripts if len(p.parts) == 1 and p.name != "_paths.py"]
+    stray = [str(p) for p in scripts if len(p.parts) > 1 and p.parts[0] not in folders]
+    stems = [p.stem for p in scripts]
+    assert loose == [] and stray == [], f"scripts outside the purpose folders {sorted(folders)}: {loose + stray}"
+    assert len(stems) == len(set(stems)), f"duplicate script names: {sorted(stems)}"
+    assert {"comfy_runtime", "random_models", "run_workflow", "run_batch", "toy_world_edit"} <= set(stems)
+
+
+def test_scripts_import_graph_has_no_cycle():
+    """E.g. comfy_runtime must not import random_models, which imports comfy_runtime."""
+    graph = scripts_import_graph()
+    assert "comfy_runtime" in graph["random_models"], "the check below would be vacuous"
+    done, cycles = set(), []
+
+    def visit(name, path):
+        if name in path:
+            cycles.append(" -> ".join(path[path.index(name):] + [name]))
+            return
+        if name in done:
+            return
+        for dep in sorted(graph[name]):
+            visit(dep, path + [name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert cycles == [], f"import cycles in scripts/: {cycles}"

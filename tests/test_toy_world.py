@@ -126,12 +126,12 @@ def test_built_clip_tells_vocabulary_words_apart(tw, tmp_path, one_thread):
     so "a red circle" and "a red ring" differ clearly at the shape word, unlike with the random CLIP."""
     import build_toy_world
     import comfy.sd
-    import comfy_runtime
+    import random_models
     import safetensors.torch
 
     path = build_toy_world.build(path=tmp_path / "toy.safetensors", steps=1, batch=1, log=lambda s: None)
     built = safetensors.torch.load_file(str(path))
-    base = safetensors.torch.load_file(str(comfy_runtime.random_checkpoint()))
+    base = safetensors.torch.load_file(str(random_models.random_checkpoint()))
     key = build_toy_world.TOKEN_EMBEDDING
     clips = {name: comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_model=False)[1]
              for name, sd in (("built", dict(built)), ("random", dict(base)))}

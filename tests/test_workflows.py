@@ -44,7 +44,7 @@ def test_shipped_workflows_come_in_pairs():
     assert {p.name for p in API_FILES} >= {"tav_video_edit_api.json", "tav_text_to_video_api.json",
                                            "tav_tune_and_edit_api.json"}
     for api in API_FILES:
-        assert api_to_ui.ui_path(api).is_file(), f"{api.name} has no UI twin; run scripts/api_to_ui.py"
+        assert api_to_ui.ui_path(api).is_file(), f"{api.name} has no UI twin; run scripts/client/api_to_ui.py"
 
 
 # --- UI files against the real /object_info -------------------------------------------------
@@ -119,7 +119,7 @@ def test_ui_workflow_is_generated_from_api_workflow(api_path, object_info):
     regenerated = api_to_ui.api_to_ui(json.loads(api_path.read_text()), object_info,
                                       json.loads(ui_path.read_text())["id"])
     assert json.loads(ui_path.read_text()) == json.loads(json.dumps(regenerated)), \
-        f"{ui_path.name} is stale: python scripts/api_to_ui.py workflows/*_api.json"
+        f"{ui_path.name} is stale: python scripts/client/api_to_ui.py workflows/*_api.json"
 
 
 # --- substitution (no server) ----------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_api_workflow_runs(api_path, server, sample_clip, random_checkpoint):
 
 
 def _runner(*args, timeout=900):
-    return subprocess.run([sys.executable, str(PACK_DIR / "scripts" / "run_workflow.py"), *map(str, args)],
+    return subprocess.run([sys.executable, str(PACK_DIR / "scripts" / "client" / "run_workflow.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=PACK_DIR)
 
 
@@ -218,7 +218,7 @@ def test_runner_cli_fails_with_node_error(server):
     assert res.stdout == ""
 
 
-# --- the toy world's scored edit graph (scripts/toy_world_edit.py) --------------------------------
+# --- the toy world's scored edit graph (scripts/toy_world/toy_world_edit.py) --------------------------------
 
 def test_toy_world_edit_graph_runs_every_method(server, random_checkpoint):
     import argparse

@@ -16,8 +16,8 @@ Then the attention micro-benchmarks per mode (benchmark_attention.micro). Peak =
 RSS above the loaded model. Times are the child's CPU seconds (process_time; one thread by default), which
 stay comparable on a loaded machine where wall time does not. Numbers are measurements, not assertions.
 
-    .venv/bin/python scripts/benchmark_cpu.py                  # F = 8, 32x32 latents, 1 thread
-    .venv/bin/python scripts/benchmark_cpu.py --frames 4 --size 16 --threads 2
+    .venv/bin/python scripts/benchmarks/benchmark_cpu.py                  # F = 8, 32x32 latents, 1 thread
+    .venv/bin/python scripts/benchmarks/benchmark_cpu.py --frames 4 --size 16 --threads 2
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 import comfy_runtime  # noqa: E402
 
 CASES = ("infer_unpatched", "infer_patched", "infer_official", "fwdbwd_unpatched",
@@ -94,7 +94,7 @@ def run_case(case: str, args) -> dict:
             model = build_model(not args.full, "cpu")
 
     if case.startswith(("infer_official", "official")):
-        sys.path.insert(0, str(HERE.parent / "tests"))
+        sys.path.insert(0, str(comfy_runtime.PACK_DIR / "tests"))
         import tav_reference as ref
         state = {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
         unet = ref.diffusers_unet(state, model.model.model_config.unet_config)

@@ -5,8 +5,8 @@ Widget order and typed slots come from the real server's /object_info, laid out 
 values in the same order, an INT seed (or control_after_generate input) followed by its
 "control after generate" value, and a media upload combo followed by its upload button's value.
 
-    python scripts/api_to_ui.py workflows/*_api.json            # starts a server for /object_info
-    python scripts/api_to_ui.py --server http://127.0.0.1:8188 workflows/tav_video_edit_api.json
+    python scripts/client/api_to_ui.py workflows/*_api.json            # starts a server for /object_info
+    python scripts/client/api_to_ui.py --server http://127.0.0.1:8188 workflows/tav_video_edit_api.json
 
 Each X_api.json is written as X.json next to it.
 """
@@ -19,7 +19,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 import comfy_runtime  # noqa: E402
 
 WIDGET_TYPES = {"INT", "FLOAT", "BOOLEAN", "STRING", "COMBO"}

@@ -1,6 +1,6 @@
 """Print the pip arguments that install CPU PyTorch here: none, or the PyTorch CPU wheel index.
 
-    python scripts/torch_index.py torch==2.13.0 torchvision
+    python scripts/env/torch_index.py torch==2.13.0 torchvision
 
 Asks pip (dry run, metadata only) what the configured indexes would install. Where that pulls CUDA
 packages (PyPI's Linux torch depends on nvidia-* and triton, gigabytes), prints

@@ -4,7 +4,7 @@ Random-weight SD1.5 UNet architecture (full size unless --reduced), one conditio
 --size x --size (default 32x32), clips of F frames. Each configuration runs in its own process so
 peak memory is its own. Prints a table; the numbers are measurements, not assertions.
 
-    .venv/bin/python scripts/benchmark_attention.py [--frames 8 16 32] [--reduced] [--device cuda]
+    .venv/bin/python scripts/benchmarks/benchmark_attention.py [--frames 8 16 32] [--reduced] [--device cuda]
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 import comfy_runtime  # noqa: E402
 from random_models import random_unet as build_model  # noqa: E402
 

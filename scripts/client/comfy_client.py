@@ -1,4 +1,10 @@
-"""The one ComfyUI HTTP client (stdlib) of the scripts and end-to-end tests.
+"""scripts/client/ -- talking to a running ComfyUI: the HTTP client, the headless runner, graph editing.
+
+This module is the client; run_workflow.py runs a shipped API graph headless (the demo's engine),
+workflow_substitute.py fills a graph's inputs, api_to_ui.py turns API graphs into the UI templates.
+Everything here needs only a server URL, so it works against any ComfyUI, local or remote.
+
+The one ComfyUI HTTP client (stdlib) of the scripts and end-to-end tests.
 
 Client talks to any ComfyUI by URL: object info, uploads, queueing prompts, waiting for their /history
 entry. comfy_runtime.ComfyServer is a Client of the server it starts. run_prompt adds progress from

@@ -1,7 +1,7 @@
-"""One batch worker (scripts/run_batch.py): owns one ComfyUI server and runs one edit at a time on it.
+"""One batch worker (scripts/batch/run_batch.py): owns one ComfyUI server and runs one edit at a time on it.
 
 Run as a Ray actor, one per GPU (or per share of the CPU cores), each with its own ComfyUI: started
-here (scripts/comfy_runtime.py ComfyServer, in <work-dir>/worker-<n>) or attached to a given server URL.
+here (scripts/env/comfy_runtime.py ComfyServer, in <work-dir>/worker-<n>) or attached to a given server URL.
 An edit is the shipped tune-and-edit workflow; when its clip already has a tuned adapter, the workflow's
 One-Shot Tune is swapped for Load Adapter (and its Save Adapter dropped), so each clip is tuned once.
 
@@ -19,7 +19,8 @@ import time
 import urllib.error
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 import comfy_runtime  # noqa: E402
 import comfy_client as cc  # noqa: E402
 import workflow_substitute as ws  # noqa: E402
@@ -75,7 +76,7 @@ def _scores(prompt: dict, entry: dict) -> dict:
 
 
 class BatchWorker:
-    """One ComfyUI server and the edits sent to it (wrapped by ray.remote in scripts/run_batch.py)."""
+    """One ComfyUI server and the edits sent to it (wrapped by ray.remote in scripts/batch/run_batch.py)."""
 
     def __init__(self, index: int, work_dir: str, checkpoint: str | None = None, server_url: str | None = None,
                  threads: int | None = None, extra_args: tuple = ()):

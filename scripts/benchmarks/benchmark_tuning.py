@@ -7,8 +7,8 @@ process so peak memory is its own. Reports the projected time of Tune-A-Video's 
 GPU, the executed FLOPs per step (torch's FlopCounterMode, backward and recomputation included) as a
 fraction of the card's dense bf16 peak. Numbers are measurements, not assertions.
 
-    .venv/bin/python scripts/benchmark_tuning.py                       # CPU: fp32, 16x16 latents
-    .venv/bin/python scripts/benchmark_tuning.py --device cuda         # bf16, 64x64 latents (512x512)
+    .venv/bin/python scripts/benchmarks/benchmark_tuning.py                       # CPU: fp32, 16x16 latents
+    .venv/bin/python scripts/benchmarks/benchmark_tuning.py --device cuda         # bf16, 64x64 latents (512x512)
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 import comfy_runtime  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name().

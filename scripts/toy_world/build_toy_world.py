@@ -2,15 +2,15 @@
 
 ComfyUI detects it as SD15 and its own nodes (Load Checkpoint, CLIP Text Encode, VAE Encode/Decode,
 KSampler, the Tune-A-Video nodes) work on it unchanged. Parts:
-  - text encoder: the seeded random CLIP-L of scripts/comfy_runtime.py's random checkpoint (distinct
+  - text encoder: the seeded random CLIP-L of scripts/models/random_models.py's random checkpoint (distinct
     prompts give distinct embeddings; the UNet learns to read them);
-  - VAE: constructed by hand (scripts/toy_vae.py), no training;
+  - VAE: constructed by hand (scripts/toy_world/toy_vae.py), no training;
   - UNet: the random checkpoint's reduced SD1.5 layout, trained from scratch here on rendered toy-world
     frames (sampling/toy_world.py) with the eps objective on SD1.5's schedule, 10 % empty prompts (for
     classifier-free guidance), AdamW. Seeded; cached in .cache/toy_world/ (never committed).
 
-    python scripts/build_toy_world.py                 # build once (or reuse), print the checkpoint path
-    python scripts/build_toy_world.py --evaluate 20   # generation accuracy, 20 samples per prompt
+    python scripts/toy_world/build_toy_world.py                 # build once (or reuse), print the checkpoint path
+    python scripts/toy_world/build_toy_world.py --evaluate 20   # generation accuracy, 20 samples per prompt
 """
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 import comfy_runtime  # noqa: E402
+import random_models  # noqa: E402
 
 VERSION = 4  # bump when the recipe changes: the cached file name changes with it
 FRAME_SIZE = 96
@@ -180,7 +182,7 @@ def build(force=False, log=print, path: Path | None = None, **overrides) -> Path
     cfg = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
     t0, c0 = time.time(), time.process_time()
     torch.manual_seed(cfg["seed"])
-    base = comfy_runtime.random_checkpoint()
+    base = random_models.random_checkpoint()
     base_sd = safetensors.torch.load_file(str(base))
     _, clip, _, _ = comfy.sd.load_state_dict_guess_config(dict(base_sd), output_vae=False, output_model=False)
     words = [*toy_world.COLOURS, *toy_world.SHAPES]

@@ -5,7 +5,7 @@ Against a running ComfyUI (--server URL), or one this script starts with this pa
 type, not by node id: the video, the prompts, checkpoint, seed, frames, steps, size, and the one-shot
 tuning's steps and precision (--tune-steps, --precision; --steps is the DDIM schedule only).
 
-    python scripts/run_workflow.py workflows/tav_video_edit_api.json --video clip.mp4 \\
+    python scripts/client/run_workflow.py workflows/tav_video_edit_api.json --video clip.mp4 \\
         --prompt "a tiger walking in the snow" --checkpoint v1-5-pruned-emaonly.safetensors
 
 Progress goes to stderr; stdout gets one line per output file (an absolute path when the server's
@@ -21,7 +21,8 @@ import sys
 import urllib.error
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 import comfy_runtime  # noqa: E402
 from comfy_client import Client, WorkflowError, locate, output_files, run_prompt  # noqa: E402,F401
 from workflow_substitute import substitute  # noqa: E402

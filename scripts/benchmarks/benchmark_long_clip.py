@@ -1,6 +1,6 @@
 """Benchmark: peak memory and time of one model evaluation vs clip length, long-clip chunking vs one pass.
 
-Random-weight reduced SD1.5 UNet (scripts/benchmark_attention.build_model), Tune-A-Video patch
+Random-weight reduced SD1.5 UNet (scripts/benchmarks/benchmark_attention.build_model), Tune-A-Video patch
 (sparse_causal, temporal attention, frame-shared norm), one conditioning, --size x --size latents
 (default 32x32), CPU. Each (mode, frames) runs in its own process; its peak is the resident-set high
 water mark (VmHWM, reset through /proc/self/clear_refs after a one-chunk warm-up evaluation) minus the RSS
@@ -10,7 +10,7 @@ activations are reused from a fragmenting heap and the high water mark creeps up
 number of chunks; --fixed-mmap-threshold (MALLOC_MMAP_THRESHOLD_=1 MiB in the children) shows the
 tensors' own peak, at some speed cost.
 
-    .venv/bin/python scripts/benchmark_long_clip.py [--frames 16 32 64 128] [--modes chunked plain]
+    .venv/bin/python scripts/benchmarks/benchmark_long_clip.py [--frames 16 32 64 128] [--modes chunked plain]
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 import comfy_runtime  # noqa: E402
 
 

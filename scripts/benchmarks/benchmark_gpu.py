@@ -1,4 +1,8 @@
-"""Benchmark on an NVIDIA GPU, one table: tuning, invert + sample, attention backends.
+"""scripts/benchmarks/ -- speed and memory, measured and printed (never asserted): this GPU table, the
+CPU table (benchmark_cpu.py), attention (benchmark_attention.py, whose build_model the others share), long
+clips (benchmark_long_clip.py) and tuning (benchmark_tuning.py); docs/benchmarks.md keeps the numbers.
+
+Benchmark on an NVIDIA GPU, one table: tuning, invert + sample, attention backends.
 
 Random-weight SD1.5 UNet (full layout, 860 M, fp16 weights as a checkpoint loads them), a clip of
 --frames frames at --size x --size latents (24 x 64x64 = 512x512 pixels), in this one process (peak
@@ -14,8 +18,8 @@ Targets (H100): 500 steps <= 90 s, peak <= 12 GiB, invert + sample <= 10 s. --dr
 code on the CPU at tiny sizes (the tests' tiny UNet, 2 frames of 8x8, 2 steps) so CI keeps it working; its
 numbers mean nothing. Numbers are measurements, not assertions.
 
-    scripts/benchmark_gpu.sh              # on a GPU machine, <= 8 min
-    scripts/benchmark_gpu.sh --dry-run    # anywhere, seconds
+    scripts/benchmarks/benchmark_gpu.sh              # on a GPU machine, <= 8 min
+    scripts/benchmarks/benchmark_gpu.sh --dry-run    # anywhere, seconds
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 import comfy_runtime  # noqa: E402
 
 COLUMNS = ("row", "dtype", "ckpt", "ms each", "total", "unit", "peak MiB", "target")
@@ -169,7 +173,7 @@ def markdown(rows: list[dict], header: str) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the script, not the GPU")
     ap.add_argument("--frames", type=int, help="frames per clip (default 24; dry run 2)")
     ap.add_argument("--size", type=int, help="latent height/width (default 64 = 512 px; dry run 8)")
@@ -203,7 +207,7 @@ def main(argv=None):
     comfy.utils.PROGRESS_BAR_ENABLED = False  # the table is the output
     with torch.inference_mode():  # as ComfyUI's checkpoint loader
         if dry:  # the tests' tiny UNet: the dry run checks the code path, in seconds
-            sys.path.insert(0, str(HERE.parent / "tests"))
+            sys.path.insert(0, str(comfy_runtime.PACK_DIR / "tests"))
             import tavlib
             model, context_dim = tavlib.tiny_model(), tavlib.CONTEXT_DIM
         else:
