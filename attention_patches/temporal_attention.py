@@ -15,6 +15,11 @@ mirror the UNet's own paths, e.g.
     input_blocks.1.1.transformer_blocks.0.attn_temp.to_out.0.weight / .bias
     input_blocks.1.1.transformer_blocks.0.norm_temp.weight / .bias
 so `diffusion_model.<key>` names the block it belongs to (ComfyUI's UNet naming).
+
+The layer owns its projections (ComfyUI `ops` Linear layers) and calls ComfyUI's `optimized_attention`
+itself rather than building on core's CrossAttention: that class gains children, state-dict entries and
+call arguments across ComfyUI releases (0.40 adds a `comfy_attention` child whose config is saved with
+the weights), and adapter files must keep exactly the keys above (docs/comfyui-versions.md).
 """
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ import functools
 
 import torch
 
+import comfy.ldm.modules.attention as comfy_attention
 import comfy.ops
-from comfy.ldm.modules.attention import CrossAttention
 
 
 TEMPORAL_INITS = ("identity", "tune_a_video")
@@ -47,15 +52,59 @@ def _position_table(positions: tuple, channels: int, device, dtype) -> torch.Ten
         return table.to(device=device, dtype=dtype)
 
 
+class OwnedLinear(comfy.ops.manual_cast.Linear):
+    """A ComfyUI manual-cast Linear (weight wrappers, offloading and any storage dtype work as in core) whose
+    tensors exist from construction and load like torch's: in place, keeping this module's dtype.
+
+    ComfyUI's Linear (0.33 and newer, while dynamic VRAM is on) leaves weight and bias None until a state dict is
+    loaded and then takes the loaded tensors as they are; it skips that for subclasses with their own
+    state-dict loader. This layer is built and seeded before any weights are loaded, so it brings its own.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if self.weight is None:  # a deferred-allocation Linear that did not step aside for our loader
+            self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        if bias and self.bias is None:
+            self.bias = torch.nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        return torch.nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+
+class FrameAxisAttention(torch.nn.Module):
+    """attn_temp: multi-head self-attention over its input's second axis (the frames).
+
+    Parameters, named as in the paper's (and diffusers') attention so adapter keys stay fixed:
+    to_q, to_k, to_v (no bias) and to_out.0 (weight and bias). The attention itself is ComfyUI's
+    optimized_attention, looked up at call time (whatever backend ComfyUI chose) and handed the block's
+    transformer_options (attention-override nodes see this layer as they see core's attention).
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, dtype=None, device=None):
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        inner = heads * dim_head
+        self.to_q = OwnedLinear(dim, inner, bias=False, dtype=dtype, device=device)
+        self.to_k = OwnedLinear(dim, inner, bias=False, dtype=dtype, device=device)
+        self.to_v = OwnedLinear(dim, inner, bias=False, dtype=dtype, device=device)
+        self.to_out = torch.nn.Sequential(OwnedLinear(inner, dim, dtype=dtype, device=device))
+
+    def forward(self, x, transformer_options=None):
+        """x: (sequences, frames, channels) -> same shape: each sequence's frames attend to each other."""
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        out = comfy_attention.optimized_attention(q, k, v, self.heads, transformer_options=transformer_options or {})
+        return self.to_out(out)
+
+
 class TemporalAttention(torch.nn.Module):
     """norm_temp + attn_temp for one transformer block (manual-cast ops: any storage dtype works)."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, dtype=None, device=None):
         super().__init__()
-        ops = comfy.ops.manual_cast
-        self.norm_temp = ops.LayerNorm(dim, dtype=dtype, device=device)
-        self.attn_temp = CrossAttention(query_dim=dim, heads=heads, dim_head=dim_head,
-                                        dtype=dtype, device=device, operations=ops)
+        self.norm_temp = comfy.ops.manual_cast.LayerNorm(dim, dtype=dtype, device=device)
+        self.attn_temp = FrameAxisAttention(dim, heads, dim_head, dtype=dtype, device=device)
         self.zero_output = False  # unknown until reset_parameters / refresh_identity
 
     def reset_parameters(self, generator: torch.Generator, init: str = "identity"):
