@@ -54,7 +54,7 @@ if [ -z "$CKPT" ] && [ "$RANDOM_CKPT" = 0 ]; then
     ${EXTRA[@]+"${EXTRA[@]}"}
 fi
 [ -n "$PROMPT" ] || PROMPT="a glowing orange sun drifting over a purple sea, a blue kite bobbing in the sky, oil painting"
-WORKFLOW=workflows/tav_tune_and_edit_api.json
+WORKFLOW=workflows/api/tav_tune_and_edit_api.json
 # Check the arguments now (stdlib Python), not after minutes of setup and a server start.
 "${PYTHON:-python3}" scripts/client/run_workflow.py "$WORKFLOW" --check-args --prompt "$PROMPT" \
   ${CKPT:+--checkpoint "$CKPT"} ${EXTRA[@]+"${EXTRA[@]}"} || die "fix the arguments above"

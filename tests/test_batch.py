@@ -100,7 +100,7 @@ def test_results_file_keeps_the_last_record_per_item_and_survives_a_torn_line(tm
 
 
 def test_reused_adapter_replaces_the_tuning_in_the_shipped_workflow():
-    api = json.loads((PACK_DIR / "workflows" / "tav_tune_and_edit_api.json").read_text())
+    api = json.loads((PACK_DIR / "workflows" / "api" / "tav_tune_and_edit_api.json").read_text())
     out = batch_worker.with_adapter(api, "batch_adapters/a.safetensors")
     (tune,) = workflow_substitute.nodes_of(api, "TuneAVideoTune")
     assert out[tune]["class_type"] == "TuneAVideoLoadAdapter"

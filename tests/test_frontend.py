@@ -23,7 +23,7 @@ PACK_DIR = Path(__file__).resolve().parent.parent
 SCRIPT = PACK_DIR / "tests" / "browser" / "frontend_check.mjs"
 NODE_PREFIX = PACK_DIR / ".cache" / "node"
 ARTIFACTS = PACK_DIR / "test-artifacts" / "frontend"
-UI_WORKFLOWS = sorted(p for p in (PACK_DIR / "workflows").glob("*.json") if not p.name.endswith("_api.json"))
+UI_WORKFLOWS = sorted(p for p in (PACK_DIR / "workflows").glob("*.json"))
 CATEGORY = "Tune-A-Video"
 RUN_WORKFLOW = "tav_text_to_video.json"
 RUN_SIZE = dict(width=64, height=64, frames=4, steps=2)

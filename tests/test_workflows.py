@@ -13,7 +13,7 @@ import run_workflow
 import workflow_substitute
 
 PACK_DIR = Path(__file__).resolve().parent.parent
-API_FILES = sorted((PACK_DIR / "workflows").glob("*_api.json"))
+API_FILES = sorted((PACK_DIR / "workflows" / "api").glob("*_api.json"))
 SMALL = dict(frames=4, steps=2, width=64, height=64)  # seconds per run on 2 CPU cores
 SMALL_TUNE = dict(tune_steps=2, precision="fp32")  # for workflows with TuneAVideoTune (fp32: fastest on CPU)
 
@@ -119,13 +119,13 @@ def test_ui_workflow_is_generated_from_api_workflow(api_path, object_info):
     regenerated = api_to_ui.api_to_ui(json.loads(api_path.read_text()), object_info,
                                       json.loads(ui_path.read_text())["id"])
     assert json.loads(ui_path.read_text()) == json.loads(json.dumps(regenerated)), \
-        f"{ui_path.name} is stale: python scripts/client/api_to_ui.py workflows/*_api.json"
+        f"{ui_path.name} is stale: python scripts/client/api_to_ui.py workflows/api/*_api.json"
 
 
 # --- substitution (no server) ----------------------------------------------------------------
 
 def test_substitute_finds_nodes_by_type():
-    api = json.loads((PACK_DIR / "workflows" / "tav_video_edit_api.json").read_text())
+    api = json.loads((PACK_DIR / "workflows" / "api" / "tav_video_edit_api.json").read_text())
     # share one empty-prompt encoder between inversion and negative, under unusual ids
     api = {f"n{k}": {**v, "inputs": {name: ([f"n{x[0]}", x[1]] if isinstance(x, list) else x)
                                      for name, x in v["inputs"].items()}} for k, v in api.items()}
@@ -144,7 +144,7 @@ def test_substitute_finds_nodes_by_type():
     frames = out[workflow_substitute.nodes_of(out, "TuneAVideoLoadFrames")[0]]["inputs"]
     assert (frames["video"], frames["frame_load_cap"], frames["width"], frames["height"]) == ("x.mp4", 6, 96, 80)
     assert api[sampler]["inputs"]["seed"] == 33, "substitute must not modify its input"
-    t2v = json.loads((PACK_DIR / "workflows" / "tav_text_to_video_api.json").read_text())
+    t2v = json.loads((PACK_DIR / "workflows" / "api" / "tav_text_to_video_api.json").read_text())
     with pytest.raises(run_workflow.WorkflowError, match="TuneAVideoLoadFrames"):
         workflow_substitute.substitute(t2v, video="x.mp4")
     latent = workflow_substitute.substitute(t2v, frames=5)[workflow_substitute.nodes_of(t2v, "EmptyLatentImage")[0]]
@@ -154,7 +154,7 @@ def test_substitute_finds_nodes_by_type():
 
 
 def test_substitute_tuning_workflow():
-    api = json.loads((PACK_DIR / "workflows" / "tav_tune_and_edit_api.json").read_text())
+    api = json.loads((PACK_DIR / "workflows" / "api" / "tav_tune_and_edit_api.json").read_text())
     out = workflow_substitute.substitute(api, source_prompt="a ball", steps=3, tune_steps=7, precision="fp32")
     tune = out[workflow_substitute.nodes_of(out, "TuneAVideoTune")[0]]["inputs"]
     invert = out[workflow_substitute.nodes_of(out, "TuneAVideoInvert")[0]]["inputs"]
@@ -200,7 +200,7 @@ def _runner(*args, timeout=900):
 
 
 def test_runner_cli_prints_output_path(server, sample_clip, random_checkpoint):
-    res = _runner(PACK_DIR / "workflows" / "tav_video_edit_api.json", "--server", server.url,
+    res = _runner(PACK_DIR / "workflows" / "api" / "tav_video_edit_api.json", "--server", server.url,
                   "--video", sample_clip, "--checkpoint", random_checkpoint.name, "--prompt", "a red ball",
                   "--seed", 7, "--frames", 3, "--steps", 1, "--width", 64, "--height", 64)
     assert res.returncode == 0, res.stderr
@@ -211,7 +211,7 @@ def test_runner_cli_prints_output_path(server, sample_clip, random_checkpoint):
 
 
 def test_runner_cli_fails_with_node_error(server):
-    res = _runner(PACK_DIR / "workflows" / "tav_text_to_video_api.json", "--server", server.url,
+    res = _runner(PACK_DIR / "workflows" / "api" / "tav_text_to_video_api.json", "--server", server.url,
                   "--checkpoint", "no_such_model.safetensors", "--steps", 1, timeout=120)
     assert res.returncode == 1
     assert "ckpt_name" in res.stderr and "no_such_model.safetensors" in res.stderr, res.stderr

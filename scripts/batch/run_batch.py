@@ -5,7 +5,7 @@
 
 This driver, batch_worker.py (one Ray actor owning one ComfyUI server, started or one of --server) and
 batch_manifest.py (the manifest's rows). Each edit runs the shipped tune-and-edit workflow
-(workflows/tav_tune_and_edit_api.json, or --workflow): a clip is tuned once (its adapter saved); its other
+(workflows/api/tav_tune_and_edit_api.json, or --workflow): a clip is tuned once (its adapter saved); its other
 edits load that adapter. Ray starts in this process unless --address joins a cluster. One JSON line per
 edit goes to the results file as it ends; a rerun skips items already there (--retry-errors redoes failed
 ones). A worker whose server dies hands its edit to another (--retries times at most). Exit 1 if any failed.
@@ -27,7 +27,7 @@ import _paths  # noqa: E402  (puts the purpose folders of scripts/ on sys.path)
 import batch_manifest as bm  # noqa: E402
 from batch_worker import BatchWorker  # noqa: E402
 
-WORKFLOW = _paths.SCRIPTS.parent / "workflows" / "tav_tune_and_edit_api.json"
+WORKFLOW = _paths.SCRIPTS.parent / "workflows" / "api" / "tav_tune_and_edit_api.json"
 ARG_SETTINGS = ("frames", "width", "height", "fps", "tune_steps", "precision", "negative", "seed", "cfg", "steps")
 
 
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
         _log(f"error: {e}")
         return 1
     if not args.workflow.is_file():
-        _log(f"error: --workflow {args.workflow}: no such file (see workflows/*_api.json)")
+        _log(f"error: --workflow {args.workflow}: no such file (see workflows/api/*_api.json)")
         return 1
     if not args.server and not (args.checkpoint and Path(args.checkpoint).expanduser().is_file()):
         _log(f"error: --checkpoint {args.checkpoint or '(none)'}: no such file; give the path of an SD checkpoint "

@@ -5,10 +5,10 @@ Widget order and typed slots come from the real server's /object_info, laid out 
 values in the same order, an INT seed (or control_after_generate input) followed by its
 "control after generate" value, and a media upload combo followed by its upload button's value.
 
-    python scripts/client/api_to_ui.py workflows/*_api.json            # starts a server for /object_info
-    python scripts/client/api_to_ui.py --server http://127.0.0.1:8188 workflows/tav_video_edit_api.json
+    python scripts/client/api_to_ui.py workflows/api/*_api.json            # starts a server for /object_info
+    python scripts/client/api_to_ui.py --server http://127.0.0.1:8188 workflows/api/tav_video_edit_api.json
 
-Each X_api.json is written as X.json next to it.
+Each workflows/api/X_api.json is written as workflows/X.json: the Templates browser lists only the UI graphs.
 """
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ def api_to_ui(api: dict, object_info: dict, workflow_id: str | None = None) -> d
 
 def ui_path(api_path: Path) -> Path:
     stem = api_path.name.removesuffix(".json").removesuffix("_api")
-    return api_path.with_name(stem + ".json")
+    return api_path.parent.parent / (stem + ".json")
 
 
 def convert_files(paths: list[Path], object_info: dict) -> list[Path]:

@@ -5,7 +5,7 @@ Against a running ComfyUI (--server URL), or one this script starts with this pa
 type, not by node id: the video, the prompts, checkpoint, seed, frames, steps, size, and the one-shot
 tuning's steps and precision (--tune-steps, --precision; --steps is the DDIM schedule only).
 
-    python scripts/client/run_workflow.py workflows/tav_video_edit_api.json --video clip.mp4 \\
+    python scripts/client/run_workflow.py workflows/api/tav_video_edit_api.json --video clip.mp4 \\
         --prompt "a tiger walking in the snow" --checkpoint v1-5-pruned-emaonly.safetensors
 
 Progress goes to stderr; stdout gets one line per output file (an absolute path when the server's
@@ -33,7 +33,7 @@ from workflow_substitute import substitute  # noqa: E402
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workflow", type=Path, help="an API-format workflow JSON (workflows/*_api.json)")
+    p.add_argument("workflow", type=Path, help="an API-format workflow JSON (workflows/api/*_api.json)")
     p.add_argument("--server", help="URL of a running ComfyUI (default: start one with this pack)")
     p.add_argument("--base-dir", type=Path, default=comfy_runtime.PACK_DIR / "out" / "comfy",
                    help="base directory of the ComfyUI this script starts (default: %(default)s)")
@@ -71,7 +71,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 def check_args(args):
     """Errors a user can make on the command line, found before any server starts."""
     if not args.workflow.is_file():
-        raise WorkflowError(f"{args.workflow}: no such workflow file (see workflows/*_api.json)")
+        raise WorkflowError(f"{args.workflow}: no such workflow file (see workflows/api/*_api.json)")
     if args.checkpoint and not args.server:
         path = Path(args.checkpoint).expanduser()
         known = (args.base_dir / "models" / "checkpoints" / args.checkpoint).is_file()

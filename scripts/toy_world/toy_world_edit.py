@@ -3,7 +3,7 @@ trains its checkpoint, toy_vae.py is its hand-made VAE, make_sample_clip.py rend
 runs scored Tune-A-Video edits on it, through the shipped workflow on a real ComfyUI server (docs/toy-world.md).
 
 For each held-out source clip (one object moving, 8 frames; trajectories, colours and shapes used by no
-test): workflows/tav_tune_and_edit_api.json tunes on the clip and its prompt, inverts it and samples
+test): workflows/api/tav_tune_and_edit_api.json tunes on the clip and its prompt, inverts it and samples
 each edited prompt, with the toy settings (per-frame GroupNorm, stronger tuning, cfg 3, and three settings
 past the paper: frame positions in the temporal attention, inversion to strength 0.8 and Plug-and-Play
 feature injection; README, the toy world). In the same graphs: the same tuned model without feature
@@ -33,7 +33,7 @@ import comfy_runtime  # noqa: E402
 import workflow_substitute  # noqa: E402
 
 FRAMES, SIZE = 8, build_toy_world.FRAME_SIZE
-WORKFLOW = comfy_runtime.PACK_DIR / "workflows" / "tav_tune_and_edit_api.json"
+WORKFLOW = comfy_runtime.PACK_DIR / "workflows" / "api" / "tav_tune_and_edit_api.json"
 EDITS = [  # (source colour, shape, trajectory), edited prompts: colour, shape, both
     (("green", "ring", "arc"), ["a yellow ring", "a green circle", "a blue bar"]),
     (("blue", "bar", "zigzag"), ["a red bar", "a blue ring", "a yellow circle"]),
