@@ -40,6 +40,7 @@ class TAVConfig:
     frame_shared_norm: bool = True
     temporal_init: str = "identity"  # or "tune_a_video" (temporal_attention.TEMPORAL_INITS)
     temporal_position_encoding: bool = False  # past the paper: frame index into the temporal attention
+    temporal_width: int = 0  # past the paper: 0 = each block's own width; else this inner width (big UNets)
 
 
 def unet_of(model) -> UNetModel:
@@ -80,21 +81,33 @@ def frame_norm_paths(unet: UNetModel) -> list[str]:
     return [p for p in paths if isinstance(unet.get_submodule(p), torch.nn.GroupNorm)]
 
 
-def build_temporal_attention(unet: UNetModel, dtype=None, seed: int = 0, init: str = "identity") -> TemporalAttentionSet:
-    """A fresh TemporalAttention for every transformer block, seeded `init` (TemporalAttention.reset_parameters).
+TEMPORAL_HEAD_WIDTH = 64  # head size of a narrowed temporal attention (SD2/SDXL's own head size)
+
+
+def temporal_layer(block, width: int = 0, dtype=None, device=None) -> TemporalAttention:
+    """An (unseeded) TemporalAttention for a transformer block: the block's heads and head size (the paper),
+    or, for width > 0, an inner width of `width` as width // 64 heads of 64 (a multiple of 64; see TAVConfig)."""
+    heads, dim_head = (block.n_heads, block.d_head) if width == 0 else \
+        (width // TEMPORAL_HEAD_WIDTH, TEMPORAL_HEAD_WIDTH)
+    return TemporalAttention(block.attn1.to_q.in_features, heads, dim_head, dtype=dtype, device=device)
+
+
+def build_temporal_attention(unet: UNetModel, dtype=None, seed: int = 0, init: str = "identity",
+                             width: int = 0) -> TemporalAttentionSet:
+    """A fresh TemporalAttention for every transformer block (temporal_layer), seeded `init`
+    (TemporalAttention.reset_parameters).
 
     Built outside inference mode (ComfyUI runs nodes under it) so the weights can be trained.
     """
     with torch.inference_mode(False):
-        return _build_temporal_attention(unet, dtype, seed, init)
+        return _build_temporal_attention(unet, dtype, seed, init, width)
 
 
-def _build_temporal_attention(unet, dtype, seed, init):
+def _build_temporal_attention(unet, dtype, seed, init, width):
     temporal = TemporalAttentionSet()
     generator = torch.Generator().manual_seed(seed)
     for path, _, block in transformer_blocks(unet):
-        dim = block.attn1.to_q.in_features
-        module = TemporalAttention(dim, block.n_heads, block.d_head, dtype=dtype)
+        module = temporal_layer(block, width, dtype=dtype)
         module.reset_parameters(generator, init)
         temporal.add(path, module)
     return temporal
@@ -201,6 +214,9 @@ def apply_tav(model, config: TAVConfig, temporal_weights: dict | None = None):
         raise ValueError(f"temporal_init must be one of {', '.join(TEMPORAL_INITS)}, got {config.temporal_init!r}")
     if config.window_radius < 0:
         raise ValueError(f"window_radius must be >= 0, got {config.window_radius}")
+    if config.temporal_width < 0 or config.temporal_width % TEMPORAL_HEAD_WIDTH:
+        raise ValueError(f"temporal_width must be 0 (each block's own width) or a multiple of "
+                         f"{TEMPORAL_HEAD_WIDTH}, got {config.temporal_width}")
     unet = unet_of(model)
     blocks = list(transformer_blocks(unet))
     if not blocks:
@@ -209,10 +225,12 @@ def apply_tav(model, config: TAVConfig, temporal_weights: dict | None = None):
     previous = get_tav_patch(model)
     temporal = None
     if config.temporal_attention:
-        if previous is not None and previous.temporal is not None and temporal_weights is None:
+        if previous is not None and previous.temporal is not None and temporal_weights is None \
+                and previous.config.temporal_width == config.temporal_width:
             temporal = previous.temporal
         else:
-            temporal = build_temporal_attention(unet, dtype=model.model.get_dtype(), init=config.temporal_init)
+            temporal = build_temporal_attention(unet, dtype=model.model.get_dtype(), init=config.temporal_init,
+                                                width=config.temporal_width)
             if temporal_weights is not None:
                 with torch.inference_mode(False), torch.no_grad():
                     missing, unexpected = temporal.load_state_dict(temporal_weights, strict=False)

@@ -29,6 +29,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
 from ..attention_patches.unet_patch import apply_tav, get_tav_patch, unet_of
 from .adapters import PREFIX
+from .low_rank import DOWN, UP, LowRankDelta, factor_tensors, is_lora_key, module_key, new_factors
 from .tuning_objective import run_tuning
 
 CHECKPOINT_KEY = "tune_a_video_checkpointing"
@@ -156,30 +157,40 @@ class TuningRun:
     every trace from the shared module tree.
 
     queries: linear layers per transformer block that get a delta (e.g. attn1.to_q); temporal: the parts
-    of each temporal attention that are trained ("attn_temp", "norm_temp").
+    of each temporal attention that are trained ("attn_temp", "norm_temp"). query_rank > 0: those layers get
+    low-rank deltas (low_rank.py; down seeded by `seed`) instead of full ones.
     """
 
-    def __init__(self, patched, queries, temporal=("attn_temp",), precision=torch.float32, checkpointing=True):
+    def __init__(self, patched, queries, temporal=("attn_temp",), precision=torch.float32, checkpointing=True,
+                 query_rank=0, seed=0):
         patch = get_tav_patch(patched)
         self.model = apply_tav(patched, patch.config, temporal_weights=patch.temporal_state_dict() or None)
         self.patch = get_tav_patch(self.model)
         self.device = self.model.load_device
         self.compute_dtype = precision
         self.params: dict[str, torch.nn.Parameter] = {}
+        self.factors: dict[str, tuple] = {}  # query_rank > 0: weight key -> (down, up) (low_rank.py)
         self._wrapped: list[tuple[str, object]] = []
         unet = unet_of(self.model)
+        generator = torch.Generator().manual_seed(seed)
 
         for path, _ in self.patch.blocks:
             for name in queries:
                 key = f"{PREFIX}{path}.{name}.weight"
                 shape = comfy.utils.get_attr(self.model.model, key).shape
+                if query_rank:
+                    down, up = new_factors(shape, query_rank, generator, self.device)
+                    self._wrap(key, LowRankDelta(down, up, 1.0))
+                    self.factors[key] = (down, up)
+                    self.params[module_key(key) + DOWN], self.params[module_key(key) + UP] = down, up
+                    continue
                 delta = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=self.device))
                 self._wrap(key, WeightDelta(delta))
                 self.params[key] = delta
         for module_name, module in unet.named_modules():
             for pname, param in module.named_parameters(recurse=False):
                 key = f"{PREFIX}{module_name}.{pname}"
-                if key in self.params:
+                if key in self.params or key in self.factors:
                     continue
                 if not hasattr(module, "weight_function"):
                     raise ValueError(f"Tune-A-Video One-Shot Tune: {key} is not a ComfyUI op ({type(module).__name__}); "
@@ -231,9 +242,14 @@ class TuningRun:
 
     def trained(self) -> tuple[dict, dict]:
         """(query deltas by model key, the whole temporal attention by temporal key), fp32 on CPU."""
-        deltas = {k: p.detach().float().cpu() for k, p in self.params.items() if k.startswith(PREFIX)}
+        deltas = {k: p.detach().float().cpu() for k, p in self.params.items()
+                  if k.startswith(PREFIX) and not is_lora_key(k)}
         temporal = {k: v.detach().float().cpu() for k, v in self.patch.temporal_state_dict().items()}
         return deltas, temporal
+
+    def trained_lora(self) -> dict:
+        """The low-rank query deltas (query_rank > 0) as file-keyed fp32 CPU tensors (low_rank.factor_tensors)."""
+        return factor_tensors(self.factors)
 
     def close(self):
         """Unload the training clone and drop its weight wrappers from the shared modules, which ComfyUI
@@ -253,4 +269,5 @@ class TuningRun:
                 setattr(module, attr, [f for f in getattr(module, attr) if id(f) not in functions])
         self._wrapped.clear()
         self.params.clear()
+        self.factors.clear()
         comfy.model_management.soft_empty_cache()
