@@ -63,7 +63,8 @@ class TuneAVideoCLIPTextAlignment:
     def score(self, clip_vision, clip, images, text):
         check_images(images)
         _, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-        scores = clip_metrics.frame_scores(_image_embeds(clip_vision, images), _finite(pooled.detach().float(), "clip"))
+        pooled = _finite(pooled.detach().float(), "clip")
+        scores = clip_metrics.frame_scores(_image_embeds(clip_vision, images), pooled)
         return float(scores.mean()), clip_metrics.plot_values(scores, lo=0.0, hi=40.0)
 
 

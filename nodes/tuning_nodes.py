@@ -1,13 +1,14 @@
 """TuneAVideoTune, TuneAVideoSaveAdapter, TuneAVideoLoadAdapter: one-shot tuning and its adapters."""
+import logging
 import os
 
 import folder_paths
 
 from ..sampling.adapter_loading import load_adapter_file
 from ..sampling.adapters import STORAGE_DTYPES, adapter_of, apply_adapter, save_adapter
-from ..sampling.low_rank import MAX_QUERY_RANK
 from ..sampling.one_shot_tuning import DEFAULT_TRAINABLE, PRECISIONS, TRAINABLE, tune_clip
-from ..sampling.validation import MAX_STEPS, check_filename_prefix, check_save_folder, validation_message
+from ..sampling.validation import (MAX_STEPS, check_filename_prefix, check_save_folder, invisible_character,
+                                  validation_message)
 
 ADAPTER_FOLDER = "tune_a_video"
 FOLDER_WORDS = "models/tune_a_video"
@@ -22,6 +23,22 @@ def register_adapter_folder():
 
 
 register_adapter_folder()
+_unlisted = set()
+
+
+def listed_adapters() -> list[str]:
+    """The adapter files Load Adapter offers: all but names holding invisible or bidi characters, which could
+    display as another adapter's name (Save Adapter refuses to write such names)."""
+    names = []
+    for name in folder_paths.get_filename_list(ADAPTER_FOLDER):
+        char = invisible_character(name)
+        if char is None:
+            names.append(name)
+        elif name not in _unlisted:
+            _unlisted.add(name)
+            logging.warning("Tune-A-Video: %r in models/tune_a_video is not listed in Load Adapter: its name holds "
+                            "the invisible character U+%04X. Rename the file to load it.", name, ord(char))
+    return names
 
 
 class TuneAVideoTune:
@@ -66,17 +83,12 @@ class TuneAVideoTune:
                 "Show the loss curve as the node's preview every N steps (0: off). No sampling is done."}),
             "prompt_text": ("STRING", {"default": "", "tooltip":
                 "The source prompt as text, recorded in the adapter's metadata only."}),
-            "query_rank": ("INT", {"default": 0, "min": 0, "max": MAX_QUERY_RANK, "tooltip":
-                "0: full query deltas (the paper). r > 0: low-rank (LoRA) query deltas of rank r, a small "
-                "fraction of the parameters (SDXL: 5 M at 16 instead of 205 M); stored in ComfyUI's LoRA format, "
-                "so LoraLoaderModelOnly also applies them. For SDXL on a 24 GB card: 16, with Apply Attention "
-                "temporal_width 128."}),
         }}
 
     def tune(self, model, latent, positive, steps, learning_rate, seed, trainable, precision,
-             gradient_checkpointing, preview_every=25, prompt_text="", query_rank=0):
+             gradient_checkpointing, preview_every=25, prompt_text=""):
         tuned, adapter, _ = tune_clip(model, latent, positive, steps, learning_rate, seed, trainable, precision,
-                                      gradient_checkpointing, preview_every, prompt_text, query_rank=query_rank)
+                                      gradient_checkpointing, preview_every, prompt_text)
         return (tuned, adapter)
 
 
@@ -133,7 +145,7 @@ class TuneAVideoLoadAdapter:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SD model of the adapter's family, patched by Apply Attention or not."}),
-            "adapter_name": (folder_paths.get_filename_list(ADAPTER_FOLDER), {"tooltip":
+            "adapter_name": (listed_adapters(), {"tooltip":
                 ".safetensors files in models/tune_a_video."}),
         }}
 

@@ -16,7 +16,6 @@ import comfy.utils
 
 from ..attention_patches.unet_patch import TAVConfig, apply_tav, get_tav_patch
 from .adapters import adapter_of, apply_adapter, make_adapter
-from .low_rank import check_query_rank
 from .training_clone import TuningRun
 from .tuning_objective import NODE
 from .validation import MAX_STEPS, check_count, check_latent
@@ -47,10 +46,15 @@ def check_arguments(model, steps, learning_rate, trainable, precision):
     device = model.load_device
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"{NODE}: this GPU has no bfloat16; choose precision fp16 (or fp32).")
-    if not isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.EPS) or \
-            not hasattr(model.get_model_object("model_sampling"), "sigmas"):
-        raise ValueError(f"{NODE} supports discrete eps- and v-prediction models (SD1.x, SD2.x, SDXL); this "
-                         f"model samples with {type(model.get_model_object('model_sampling')).__name__}.")
+    sampling = model.get_model_object("model_sampling")
+    # TAV draws its timesteps from the discrete schedule; a continuous one (ModelSamplingContinuousEDM/V) has none
+    if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or \
+            not isinstance(sampling, comfy.model_sampling.EPS):
+        kind = " + ".join(base.__name__ for base in type(sampling).__bases__)
+        raise ValueError(f"{NODE}: model samples with {kind or type(sampling).__name__}, but Tune-A-Video tunes "
+                         "models with a discrete noise schedule (SD1.x, SD2.x, SDXL; eps- or v-prediction). Remove "
+                         "ModelSamplingContinuousEDM/ModelSamplingContinuousV between the checkpoint and Tune, "
+                         "or tune an SD1.x/SD2.x/SDXL checkpoint.")
 
 
 def _out_of_memory_message(samples, precision, checkpointing) -> str:
@@ -79,7 +83,7 @@ def loss_curve_image(losses, size=(256, 96)):
 
 def tune_clip(model, latent, positive, steps=500, learning_rate=3e-5, seed=0, trainable=DEFAULT_TRAINABLE,
               precision="bf16", gradient_checkpointing=True, preview_every=0, prompt_text="", callback=None,
-              query_rank=0, **loop_args):
+              **loop_args):
     """One-shot tune `model` on a clip. Returns (tuned MODEL, TAVAdapter, losses per step).
 
     model: a MODEL, patched by TuneAVideoApplyAttention or patched here with TAV's defaults. latent:
@@ -87,11 +91,9 @@ def tune_clip(model, latent, positive, steps=500, learning_rate=3e-5, seed=0, tr
     source prompt. The input model and its checkpoint are never written; on cancel (ComfyUI's interrupt)
     or error nothing is left applied. callback(step, loss, params) is called after every step; loop_args
     go to tuning_objective.run_tuning (e.g. draw). The adapter holds everything the tuned model has on
-    top of its checkpoint (a previous adapter's deltas included). query_rank > 0: the query deltas are
-    low-rank (LoRA, sampling/low_rank.py) of that rank instead of full matrices (big UNets: SDXL).
+    top of its checkpoint (a previous adapter's deltas included).
     """
     check_arguments(model, steps, learning_rate, trainable, precision)
-    check_query_rank(query_rank, NODE)
     samples = check_latent(latent, model.get_model_object("latent_format").latent_channels)
     if not positive:
         raise ValueError(f"{NODE}: positive is empty; connect CLIP Text Encode with the clip's prompt.")
@@ -117,12 +119,10 @@ def tune_clip(model, latent, positive, steps=500, learning_rate=3e-5, seed=0, tr
         # Inputs are inference tensors (the executor runs nodes under inference_mode): use copies.
         conds = [[c.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}]
                  for c, d in positive]
-        run = TuningRun(patched, queries, temporal_parts, PRECISIONS[precision], gradient_checkpointing,
-                        query_rank, seed)
+        run = TuningRun(patched, queries, temporal_parts, PRECISIONS[precision], gradient_checkpointing)
         try:
             run.train(samples.clone(), conds, steps, learning_rate, seed, on_step, **loop_args)
             deltas, temporal = run.trained()
-            lora = run.trained_lora()
         except torch.OutOfMemoryError as e:
             raise torch.OutOfMemoryError(_out_of_memory_message(samples, precision, gradient_checkpointing)) from e
         except RuntimeError as e:
@@ -136,7 +136,6 @@ def tune_clip(model, latent, positive, steps=500, learning_rate=3e-5, seed=0, tr
     h, w = samples.shape[-2:]
     increment = make_adapter(patched, deltas, temporal, frames=samples.shape[0], latent_size=f"{w}x{h}",
                              prompt=prompt_text, steps=steps, learning_rate=learning_rate, seed=seed,
-                             trainable=trainable, precision=precision, final_loss=losses[-1], lora=lora,
-                             query_rank=query_rank if queries else 0)
+                             trainable=trainable, precision=precision, final_loss=losses[-1])
     tuned = apply_adapter(patched, increment)
     return tuned, adapter_of(tuned), losses

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import stat
+import unicodedata
 
 import torch
 
@@ -28,6 +29,8 @@ ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BOOLEANS = ("True", "False")
 MAX_NAME_BYTES = 200  # per file or folder name: 255 minus the counter and extension ComfyUI appends
 MAX_PREFIX_CHARS = 1024
+# Shown as nothing (or as a blank) although they are not spaces: Hangul fillers, the combining grapheme joiner.
+BLANK_LOOKING = "\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0"
 
 
 # --- numbers and latents ------------------------------------------------------------------------
@@ -69,6 +72,30 @@ def check_latent(latent, channels: int | None = None, name="latent") -> torch.Te
     return samples
 
 
+# --- images -------------------------------------------------------------------------------------
+
+def check_images(images, name="images", min_frames=1, why="") -> torch.Tensor:
+    """An IMAGE batch [frames, height, width, channels] of at least min_frames frames of 1x1 pixels or more, all
+    finite; else a ValueError naming the input (`why`: what needs min_frames frames, for the message)."""
+    if not isinstance(images, torch.Tensor) or images.is_nested or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) and not images.is_nested else None
+        raise ValueError(f"{name} must be an IMAGE batch [frames, height, width, channels], got "
+                         f"{shape or type(images).__name__}. Connect the clip's frames (Load Frames or VAE Decode).")
+    frames, height, width, _ = images.shape
+    if frames == 0 or height == 0 or width == 0:
+        empty = "0 frames" if frames == 0 else f"frames of {width}x{height} pixels"
+        raise ValueError(f"{name} is empty ({empty}). Connect the clip's frames (Load Frames, or VAE Decode of the "
+                         "clip's latents).")
+    if frames < min_frames:
+        raise ValueError(f"{name} has {frames} frame{'s' if frames != 1 else ''}, but {why} needs {min_frames} or "
+                         f"more. Connect the whole clip (Load Frames with frame_load_cap {min_frames} or more).")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} contains NaN or infinite values (e.g. VAE Decode of a NaN latent), so no score "
+                         "can be computed. Fix the node that produced the frames (a NaN latent, a VAE overflowing "
+                         "in fp16: start ComfyUI with --fp32-vae) and score finite frames.")
+    return images
+
+
 # --- adapters -----------------------------------------------------------------------------------
 
 def check_adapter(tensors: dict, metadata: dict, name: str):
@@ -95,14 +122,26 @@ def check_adapter(tensors: dict, metadata: dict, name: str):
     for key in ("temporal_attention", "frame_shared_norm", "temporal_position_encoding"):
         if bad is None and metadata.get(key, "True") not in BOOLEANS:
             bad = (key, metadata[key], "True or False")
-    width = metadata.get("temporal_width", "0")  # low-rank/narrow setting (attention_patches/unet_patch.py)
-    if bad is None and not (re.fullmatch(r"\d{1,5}", width) and int(width) % 64 == 0):
-        bad = ("temporal_width", width, "0 or a multiple of 64")
     if bad:
         key, value, expected = bad
         raise ValueError(f"{name}: metadata {key} is {value!r}, not {expected}; the file's metadata was edited or "
                          f"damaged. Fix that value in the file or save the adapter again with Tune-A-Video Save "
                          "Adapter.")
+
+
+def check_format_version(metadata: dict, supported: int, name: str):
+    """An adapter's metadata format_version: absent, or a whole number no newer than `supported`."""
+    version = metadata.get("format_version")
+    if version is None:
+        return
+    if not re.fullmatch(r"\d{1,9}", version):
+        raise ValueError(f"{name}: metadata format_version is {version!r}, not a whole number; the file's metadata "
+                         f"was edited or damaged. Fix that value in the file (this pack writes {supported}) or save "
+                         "the adapter again with Tune-A-Video Save Adapter.")
+    if int(version) > supported:
+        raise ValueError(f"{name} has adapter format_version {int(version)}, but this version of the Tune-A-Video "
+                         f"pack reads format_version {supported} and older: the file was saved by a newer pack. "
+                         "Update the pack (ComfyUI Manager, or git pull in its custom_nodes folder) to load it.")
 
 
 # --- names and folders --------------------------------------------------------------------------
@@ -121,7 +160,7 @@ def check_name(value, name: str, example: str, folder: str):
     """A relative name inside `folder` (words for messages): no control characters, no way out."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name} is empty. Give a name such as {example}.")
-    control = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    control = next((c for c in value if unicodedata.category(c) == "Cc"), None)
     if control is not None:
         raise ValueError(f"{name}: {value!r} contains the control character {control!r} (a NUL, tab or line "
                          f"break). Use a name such as {example}.")
@@ -130,9 +169,22 @@ def check_name(value, name: str, example: str, folder: str):
                          f"such as {example}.")
 
 
+def invisible_character(value: str) -> str | None:
+    """The first character of `value` that is shown as nothing or reorders the text around it, else None:
+    Unicode format characters (bidi controls U+202A-U+202E, U+2066-U+2069, U+200E/F, U+061C; zero-width
+    U+200B-U+200D, U+2060, U+FEFF, soft hyphen ...), line/paragraph separators and blank-looking letters.
+    A name holding one can display as another name, or reversed ("Trojan Source" spoofing)."""
+    return next((c for c in value if unicodedata.category(c) in ("Cf", "Zl", "Zp") or c in BLANK_LOOKING), None)
+
+
 def check_filename_prefix(prefix, name="filename_prefix", example="TuneAVideo/clip", folder="the output folder"):
     """A save prefix ('sub/folder/name', a counter is appended) that makes a visible file inside `folder`."""
     check_name(prefix, name, example, folder)
+    hidden_char = invisible_character(prefix)
+    if hidden_char is not None:
+        raise ValueError(f"{name}: {prefix!r} contains the invisible character U+{ord(hidden_char):04X} "
+                         f"({unicodedata.name(hidden_char, 'unnamed')}), which hides or reverses part of the name "
+                         f"where it is shown. Remove it; use a name such as {example}.")
     parts = [p for p in _parts(prefix) if p not in ("", ".")]  # 'a//b' and './a' mean 'a/b' and 'a'
     if not parts:
         raise ValueError(f"{name}: {prefix!r} names no file. Give a name such as {example}.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from fractions import Fraction
 
@@ -22,6 +23,9 @@ SAVE_FORMATS = {  # format -> (extension, MIME-like tag reported to the UI/API)
     "webp": ("webp", "image/webp"),
 }
 MP4_CRF = 19  # visually near-lossless h264
+GIF_TICKS = 100  # gif frame delays are whole 1/100 s
+GIF_MIN_DELAY = 2  # browsers play a delay under 2/100 s as 1/10 s
+GIF_MAX_FPS = GIF_TICKS / GIF_MIN_DELAY
 
 
 def to_uint8(frame: torch.Tensor) -> np.ndarray:
@@ -38,11 +42,31 @@ def _even_crop(frame: np.ndarray) -> np.ndarray:
     return frame[: h - h % 2, : w - w % 2]
 
 
+def gif_delays(frames: int, fps: float) -> list[int]:
+    """Each frame's delay in 1/100 s for a gif that plays at `fps` (at most GIF_MAX_FPS): frame i starts at
+    i / fps rounded to the nearest 1/100 s (halves up), so every delay is 100 / fps rounded down or up (8 fps:
+    13, 12, 13, 12, ...) and the clip lasts frames / fps to the nearest 1/100 s."""
+    starts = [math.floor(GIF_TICKS * i / fps + 0.5) for i in range(frames + 1)]
+    return [end - start for start, end in zip(starts, starts[1:])]
+
+
+def check_fps(fps, fmt: str):
+    """fps > 0, and at most GIF_MAX_FPS for gif; ValueError naming fps and what to do."""
+    if not fps > 0:
+        raise ValueError(f"fps={fps} must be greater than 0: connect Load Frames' fps or type a rate such as 8.")
+    if fmt == "gif" and fps > GIF_MAX_FPS:
+        raise ValueError(f"fps={fps:g} is too fast for a gif: gif frame delays are whole 1/100 s and browsers play "
+                         f"delays under 2/100 s at 10 fps, so a gif plays at most {GIF_MAX_FPS:g} fps. Set fps to "
+                         f"{GIF_MAX_FPS:g} or less (Load Frames' select_every_nth 2 halves a clip's rate), or "
+                         "choose format mp4 or webp.")
+
+
 def encode_clip(images: torch.Tensor, path, fmt: str, fps: float, metadata: dict | None = None):
     """Write IMAGE frames [F, H, W, C] to path as mp4 (h264, yuv420p, crf 19), gif or webp.
 
     Frames are converted one at a time. mp4 drops a last odd row/column (yuv420p needs even sides).
-    gif/webp store durations in whole milliseconds (gif: 10 ms steps), and their encoders may merge
+    webp stores durations in whole milliseconds; gif in 1/100 s (gif_delays: each frame at i / fps to the
+    nearest 1/100 s; over GIF_MAX_FPS is refused, browsers would play it at 10 fps). Their encoders may merge
     identical (webp: near-identical) consecutive frames into one longer frame (same playback). metadata (mp4 only):
     str -> JSON-able values written as container tags, as core SaveVideo does.
     """
@@ -51,8 +75,7 @@ def encode_clip(images: torch.Tensor, path, fmt: str, fps: float, metadata: dict
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty IMAGE batch [frames, height, width, channels], "
                          f"got shape {tuple(images.shape)}.")
-    if not fps > 0:
-        raise ValueError(f"fps={fps} must be greater than 0: connect Load Frames' fps or type a rate such as 8.")
+    check_fps(fps, fmt)
     frames = (to_uint8(frame) for frame in images)
     if fmt == "mp4":
         height, width = images.shape[1] - images.shape[1] % 2, images.shape[2] - images.shape[2] % 2
@@ -70,9 +93,11 @@ def encode_clip(images: torch.Tensor, path, fmt: str, fps: float, metadata: dict
         return
     first = Image.fromarray(next(frames))
     rest = (Image.fromarray(frame) for frame in frames)
-    options = {"quality": 90, "method": 4} if fmt == "webp" else {"optimize": False}
-    first.save(str(path), format=fmt.upper(), save_all=True, append_images=rest,
-               duration=max(1, round(1000 / fps)), loop=0, **options)
+    if fmt == "webp":
+        options = {"quality": 90, "method": 4, "duration": max(1, round(1000 / fps))}
+    else:  # Pillow takes milliseconds and writes whole 1/100 s
+        options = {"optimize": False, "duration": [10 * d for d in gif_delays(images.shape[0], fps)]}
+    first.save(str(path), format=fmt.upper(), save_all=True, append_images=rest, loop=0, **options)
 
 
 def core_video_type() -> bool:
@@ -107,6 +132,7 @@ def save_clip(images, fps, fmt, filename_prefix, metadata=None) -> dict:
     if fmt not in SAVE_FORMATS:
         raise ValueError(f"format='{fmt}' is not one of {', '.join(SAVE_FORMATS)}.")
     check_filename_prefix(filename_prefix)
+    check_fps(fps, fmt)
     output = folder_paths.get_output_directory()
     check_save_folder(output, filename_prefix)
     extension, tag = SAVE_FORMATS[fmt]

@@ -95,7 +95,8 @@ def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0,
     after the lowest round(strength * n) of the schedule's n steps (at least one; not the paper: partial
     inversion, as img2img's denoise), so sampling starts from a less noisy clip. The result carries
     INVERSION_KEY: {"steps", "sigmas" (descending, the sampler's; strength < 1: the schedule's tail),
-    "frames", "fixed_point_iterations", "schedule", "strength", "feature_injection", "injection_block"}
+    "frames", "size" (latent height, width), "fixed_point_iterations", "schedule", "strength",
+    "feature_injection", "injection_block"}
     and, when feature_injection > 0 (not the paper: attention_patches.feature_injection), "feature_store":
     the source's features at decoder block injection_block for the sampler's first round(feature_injection
     * n) steps (at least one), which the Sampler then uses instead of the edit's.
@@ -139,7 +140,7 @@ def invert_clip(model, latent, conditioning, steps=50, fixed_point_iterations=0,
     out = guider.sample(noise, samples, sampler, inversion_sigmas(sigmas), callback=callback,
                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
     out = out.to(comfy.model_management.intermediate_device())
-    info = {"steps": steps, "sigmas": sigmas, "frames": samples.shape[0],
+    info = {"steps": steps, "sigmas": sigmas, "frames": samples.shape[0], "size": tuple(samples.shape[-2:]),
             "fixed_point_iterations": fixed_point_iterations, "schedule": schedule, "strength": strength,
             "feature_injection": feature_injection, "injection_block": injection_block}
     if store is not None:
@@ -212,6 +213,12 @@ def _check_inverted(latent, samples, inversion, steps, denoise):
         raise ValueError(f"latent has {samples.shape[0]} frames but was inverted with {inversion['frames']}: "
                          "sample the inverted clip as it is (no batch slicing or repeating in between), "
                          "or invert the frames you want to sample.")
+    size = inversion.get("size", tuple(samples.shape[-2:]))
+    if tuple(samples.shape[-2:]) != size:
+        raise ValueError(f"latent is {samples.shape[-1]}x{samples.shape[-2]} latent pixels but was inverted at "
+                         f"{size[1]}x{size[0]}: inverted noise is only noise at the size it was inverted at. Sample "
+                         "the inverted clip as it is (no upscaling, cropping or resizing between Invert and the "
+                         "Sampler), or resize the frames before VAE Encode and invert those.")
     if denoise < 0.9999:
         raise ValueError(f"denoise must be 1.0 when latent holds inverted noise (got {denoise}); "
                          "inversion already chose the starting noise level. Use fewer steps instead.")

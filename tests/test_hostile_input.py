@@ -147,6 +147,59 @@ def tune_graph(name, prefix="tav_hostile_valid", **tune):
     return wf
 
 
+CLIP_VISION = "tav_hostile_vit_l.safetensors"
+
+
+def clip_metric(frames=2, nan=False, text=None, images=None):
+    """Load Frames -> (x NaN by Image Blend) -> CLIP Frame Consistency, or Text Alignment when `text` is given
+    (with the checkpoint's CLIP), -> a preview of its plot. images: a link replacing the frames."""
+    wf = frames_to_video(frame_load_cap=frames)
+    del wf["10"]
+    wf["20"] = {"class_type": "ImageBlend", "inputs": {
+        "image1": ["3", 0], "image2": ["3", 0], "blend_factor": float("nan"), "blend_mode": "normal"}}
+    wf["21"] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_VISION}}
+    inputs = {"clip_vision": ["21", 0], "images": images or ["20" if nan else "3", 0]}
+    if text is None:
+        wf["22"] = {"class_type": "TuneAVideoCLIPFrameConsistency", "inputs": {**inputs, "pairs": "all"}}
+    else:
+        wf["22"] = {"class_type": "TuneAVideoCLIPTextAlignment", "inputs": {**inputs, "clip": ["1", 1], "text": text}}
+    wf["23"] = {"class_type": "PreviewImage", "inputs": {"images": ["22", 1]}}
+    if not nan:
+        del wf["20"]
+    return wf
+
+
+def empty_frames():
+    """The 0 frames of a video stream that decodes to none (core Load Video -> Get Video Components) into
+    CLIP Frame Consistency."""
+    wf = clip_metric(images=["25", 0])
+    del wf["3"]
+    wf["24"] = {"class_type": "LoadVideo", "inputs": {"file": "zero_frames.mp4"}}
+    wf["25"] = {"class_type": "GetVideoComponents", "inputs": {"video": ["24", 0]}}
+    return wf
+
+
+def resize_between(wf):
+    """Latent Upscale By between Invert and the Sampler: the inverted noise changes size."""
+    wf = copy.deepcopy(wf)
+    wf["12"] = {"class_type": "LatentUpscaleBy", "inputs": {
+        "samples": ["7", 0], "upscale_method": "nearest-exact", "scale_by": 1.5}}
+    wf["8"]["inputs"]["latent"] = ["12", 0]
+    return wf
+
+
+def edm_tune(name):
+    """Tune on the model patched by core's Model Sampling Continuous EDM (a continuous noise schedule)."""
+    wf = tune_graph(name)
+    wf["16"] = {"class_type": "ModelSamplingContinuousEDM", "inputs": {
+        "model": ["2", 0], "sampling": "edm", "sigma_max": 120.0, "sigma_min": 0.002}}
+    wf["13"]["inputs"]["model"] = ["16", 0]
+    return wf
+
+
+SPOOFED_ADAPTER = "tav_hostile_\u202elanigiro.safetensors"  # shown as "tav_hostile_original.safetensors" reversed
+
+
 def link(wf, node, **links):
     wf = copy.deepcopy(wf)
     wf[node]["inputs"].update(links)
@@ -219,6 +272,9 @@ CASES = [
     ("metadata window_radius huge", lambda n: adapter_graph(n, "bad_radius_huge.safetensors"), ("bad_radius_huge.safetensors", "window_radius")),
     ("metadata attention_mode sideways", lambda n: adapter_graph(n, "bad_mode.safetensors"), ("bad_mode.safetensors", "attention_mode", "sideways")),
     ("metadata temporal_attention maybe", lambda n: adapter_graph(n, "bad_bool_meta.safetensors"), ("bad_bool_meta.safetensors", "temporal_attention")),
+    ("metadata format_version 99", lambda n: adapter_graph(n, "bad_format_99.safetensors"), ("bad_format_99.safetensors", "format_version 99", "Update the pack")),
+    ("metadata format_version 1.x", lambda n: adapter_graph(n, "bad_format_abc.safetensors"), ("bad_format_abc.safetensors", "format_version", "'1.x'")),
+    ("adapter name with a bidi override", lambda n: adapter_graph(n, SPOOFED_ADAPTER), ("adapter_name",)),
     ("adapter_name with ../", lambda n: adapter_graph(n, "../../checkpoints/x.safetensors"), ("adapter_name",)),
     # numbers
     ("bad attention_mode", lambda n: put(edit_workflow(n), "2", attention_mode="sideways"), ("attention_mode",)),
@@ -230,6 +286,7 @@ CASES = [
     ("sampler steps not a number", lambda n: put(txt2vid(n), "8", steps="abc"), ("steps",)),
     ("steps differ from inversion", lambda n: put(small_edit(n), "8", steps=3), ("steps", "Invert")),
     ("inverted frames sliced away", lambda n: slice_between(small_edit(n), length=1), ("frames",)),
+    ("inverted noise resized", lambda n: resize_between(small_edit(n)), ("latent", "inverted at")),
     ("denoise < 1 on inverted latents", lambda n: put(small_edit(n), "8", denoise=0.5), ("denoise",)),
     ("denoise NaN", lambda n: put(txt2vid(n), "8", denoise=float("nan")), ("denoise",)),
     ("cfg NaN", lambda n: put(txt2vid(n), "8", cfg=float("nan")), ("cfg",)),
@@ -238,7 +295,11 @@ CASES = [
     ("fixed_point_iterations huge", lambda n: put(edit_workflow(n), "7", fixed_point_iterations=99), ("fixed_point_iterations",)),
     ("learning_rate NaN", lambda n: tune_graph(n, learning_rate=float("nan")), ("learning_rate",)),
     ("tune steps 0", lambda n: tune_graph(n, steps=0), ("steps",)),
+    ("tune an EDM-sampling model", edm_tune, ("model", "discrete")),
     ("fps NaN", lambda _: put(frames_to_video(), "10", fps=float("nan")), ("fps",)),
+    ("gif above 50 fps", lambda _: put(frames_to_video(), "10", fps=120.0), ("fps", "50")),
+    ("gif at 1000 fps through a link", lambda _: link(frames_to_video(), "10", fps=["26", 0]) | {
+        "26": {"class_type": "PrimitiveFloat", "inputs": {"value": 1000.0}}}, ("fps", "50")),
     ("unknown sampler", lambda n: put(txt2vid(n), "8", sampler_name="warp_drive"), ("sampler_name",)),
     ("unknown video format", lambda n: put(txt2vid(n), "10", format="avi"), ("format",)),
     # names to write
@@ -252,6 +313,8 @@ CASES = [
     ("video prefix hidden", lambda _: frames_to_video(prefix="TuneAVideo/.clip"), ("filename_prefix", "hidden")),
     ("video prefix through a file", lambda _: frames_to_video(prefix="taken.txt/clip"), ("filename_prefix", "not a folder")),
     ("video prefix through a link out", lambda _: frames_to_video(prefix="linkout/clip"), ("filename_prefix", "outside")),
+    ("video prefix with a bidi override", lambda _: frames_to_video(prefix="clip\u202egpj.exe"), ("filename_prefix", "U+202E")),
+    ("video prefix with a zero-width space", lambda _: frames_to_video(prefix="cl\u200bip"), ("filename_prefix", "U+200B")),
     ("video prefix in unicode", lambda _: frames_to_video(prefix="ça/клип 北京"), "ok"),
     ("adapter prefix leaves models", lambda n: adapter_graph(n, prefix="../../evil"), ("filename_prefix", "leaves")),
     ("adapter prefix with NUL", lambda n: adapter_graph(n, prefix="a\x00b"), ("filename_prefix", "control")),
@@ -261,7 +324,15 @@ CASES = [
     ("adapter prefix dot", lambda n: adapter_graph(n, prefix="."), ("filename_prefix", "names no file")),
     ("adapter prefix through a file", lambda n: adapter_graph(n, prefix="taken.txt/a"), ("filename_prefix", "not a folder")),
     ("adapter prefix through a link out", lambda n: adapter_graph(n, prefix="linkout/a"), ("filename_prefix", "outside")),
+    ("adapter prefix with a bidi isolate", lambda n: adapter_graph(n, prefix="a\u2067b"), ("filename_prefix", "U+2067")),
+    ("adapter prefix with a byte order mark", lambda n: adapter_graph(n, prefix="\ufeffadapter"), ("filename_prefix", "U+FEFF")),
     ("adapter copied", lambda n: adapter_graph(n), "ok"),
+    # metrics
+    ("frame consistency of NaN frames", lambda _: clip_metric(nan=True), ("images", "NaN", "Fix the node")),
+    ("text alignment of NaN frames", lambda n: clip_metric(nan=True, text="a kite") | {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": n}}}, ("images", "NaN", "Fix the node")),
+    ("frame consistency of one frame", lambda _: clip_metric(frames=1), ("images", "2 or more", "frame_load_cap")),
+    ("frame consistency of 0 frames", lambda _: empty_frames(), ("images", "empty")),
     # graph shape
     ("sampler without latent", lambda n: without(txt2vid(n), "8", "latent"), ("latent",)),
     ("IMAGE into latent", lambda n: link(edit_workflow(n), "7", latent=["3", 0]), ("latent",)),
@@ -312,8 +383,10 @@ def save_latent(path: Path, samples):
 
 @pytest.fixture(scope="module")
 def hostile_media(server, hostile_inputs):
-    """Pipes, links out of the folders, 0-frame video, odd latents, files where folders are expected."""
+    """Pipes, links out of the folders, 0-frame video, odd latents, files where folders are expected, a CLIP
+    vision file."""
     import torch
+    from safetensors.torch import save_file
 
     base, inp = server.base_dir, hostile_inputs
     outside = base / "outside"
@@ -336,6 +409,14 @@ def hostile_media(server, hostile_inputs):
                           ("inf", torch.full((2, 4, 8, 8), float("inf"))), ("video5d", torch.zeros(1, 4, 2, 8, 8)),
                           ("empty_hw", torch.zeros(2, 4, 0, 0))):
         save_latent(inp / f"{name}.latent", samples)
+    clip_vision = base / "models" / "clip_vision"
+    clip_vision.mkdir(parents=True, exist_ok=True)
+    # Only the keys by which ComfyUI recognises CLIP ViT-L/14 (its other weights stay unset): the metric cases
+    # must be refused before the model runs.
+    save_file({"vision_model.encoder.layers.0.layer_norm1.weight": torch.ones(1024),
+               "vision_model.encoder.layers.22.layer_norm1.weight": torch.ones(1024),
+               "vision_model.embeddings.position_embedding.weight": torch.zeros(257, 1024)},
+              str(clip_vision / CLIP_VISION))
     for folder in (base / "output", base / "models" / "tune_a_video"):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "taken.txt").write_text("a file, not a folder\n")
@@ -387,6 +468,9 @@ def hostile_adapters(server, random_checkpoint, hostile_media):
     write("bad_radius_huge.safetensors", meta={"window_radius": "100000"})
     write("bad_mode.safetensors", meta={"attention_mode": "sideways"})
     write("bad_bool_meta.safetensors", meta={"temporal_attention": "maybe"})
+    write("bad_format_99.safetensors", meta={"format_version": "99"})
+    write("bad_format_abc.safetensors", meta={"format_version": "1.x"})
+    write(SPOOFED_ADAPTER)
     data = valid.read_bytes()
     (folder / "bad_truncated.safetensors").write_bytes(data[: len(data) // 2])
     (folder / "bad_pickle.safetensors").write_bytes(pickle.dumps({"state_dict": {}}))
@@ -401,6 +485,35 @@ def first_image(server, entry, node="6"):
     img = entry["outputs"][node]["images"][0]
     path = server.base_dir / "output" / img["subfolder"] / img["filename"]
     return np.asarray(Image.open(io.BytesIO(path.read_bytes())))
+
+
+def test_load_adapter_lists_no_name_with_invisible_characters(server, hostile_adapters):
+    listed = server.get("/object_info/TuneAVideoLoadAdapter")["TuneAVideoLoadAdapter"]["input"]["required"]
+    names = listed["adapter_name"][0]
+    assert "tav_hostile_valid_00001_.safetensors" in names and SPOOFED_ADAPTER not in names
+
+
+@pytest.mark.parametrize("fps", [8.0, 30.0, 50.0])
+def test_gif_plays_at_the_rate_history_and_the_video_output_report(server, hostile_inputs, fps):
+    """The gif's frame delays, read back, put frame i at i / frame_rate (to the nearest 1/100 s), none under
+    2/100 s (browsers play those at 10 fps); the VIDEO output (re-saved through its own fps) reports that rate."""
+    wf = put(frames_to_video(frame_load_cap=8, prefix="tav_hostile_gif"), "10", fps=fps)
+    wf["11"] = {"class_type": "GetVideoComponents", "inputs": {"video": ["10", 0]}}
+    wf["12"] = {"class_type": "TuneAVideoSaveVideo", "inputs": {
+        "images": ["11", 0], "fps": ["11", 2], "format": "webp", "filename_prefix": "tav_hostile_gif_again"}}
+    outputs = server.run_ok(wf)["outputs"]
+    saved, again = outputs["10"]["images"][0], outputs["12"]["images"][0]
+    rate = saved["frame_rate"]
+    assert rate == again["frame_rate"] == fps and saved["frame_count"] == 8
+    with Image.open(server.base_dir / "output" / saved["subfolder"] / saved["filename"]) as gif:
+        durations = []
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            durations.append(gif.info["duration"])
+    assert len(durations) == 8, "the clip's frames all differ, so none may be merged"
+    assert min(durations) >= 20, f"delays under 20 ms play at 10 fps in browsers: {durations}"
+    starts = np.cumsum([0] + durations)
+    assert np.abs(starts - 1000 * np.arange(9) / rate).max() <= 5, f"{durations} ms is not {rate} fps"
 
 
 def test_hostile_inputs_get_clear_errors_and_the_base_stays_identical(server, random_checkpoint, hostile_adapters):
