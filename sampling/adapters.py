@@ -6,11 +6,15 @@ input_blocks.1.1.transformer_blocks.0:
     diffusion_model.<block>.attn2.to_q.diff         ComfyUI's LoRA loader reads `.diff` keys too
     diffusion_model.<block>.attn_temp.<param>       the whole temporal attention, trained or not
     diffusion_model.<block>.norm_temp.<param>
+    diffusion_model.<block>.attn1.to_q.lora_up.weight / .lora_down.weight / .alpha
+                                                    low-rank query deltas instead of .diff (Tune query_rank > 0;
+                                                    ComfyUI's LoRA format, see low_rank.py)
 Tensors are fp32 unless Save Adapter was asked for fp16/bf16 (metadata storage_dtype); in memory they are
 always fp32. Metadata (all strings): format, format_version, source, model_family, block_layout (JSON
 [[block, dim, heads, dim_head], ...]), frames, latent_size, prompt, steps, learning_rate, seed, trainable,
 precision, attention_mode, window_radius, temporal_attention, frame_shared_norm, temporal_init,
-temporal_position_encoding, storage_dtype, final_loss, pack_version.
+temporal_position_encoding, temporal_width (0: each block's own width), query_rank (0: full deltas),
+storage_dtype, final_loss, pack_version.
 
 Files are loaded with adapter_loading.load_adapter_file (this format or the official Tune-A-Video UNet).
 
@@ -30,8 +34,9 @@ from pathlib import Path
 
 import torch
 
-from ..attention_patches.temporal_attention import TemporalAttention
-from ..attention_patches.unet_patch import TAVConfig, apply_tav, base_weight, get_tav_patch, transformer_blocks, unet_of
+from ..attention_patches.unet_patch import (TAVConfig, apply_tav, base_weight, get_tav_patch, temporal_layer,
+                                            transformer_blocks, unet_of)
+from .low_rank import add_lora_patches, fold_into, is_lora_key, modules, stack_lora
 from .validation import check_adapter, check_format_version
 
 FORMAT = "tune_a_video_adapter"
@@ -60,15 +65,18 @@ class TAVAdapter:
 
     deltas: model state-dict key (`diffusion_model.<block>.attn1.to_q.weight`) -> W_tuned - W_base.
     temporal: temporal_state_dict key (`<block>.attn_temp.to_q.weight`, ...) -> weight.
+    lora: low-rank query deltas by file key (`diffusion_model.<block>.attn1.to_q.lora_up.weight`, ...).
     """
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     temporal: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    lora: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The adapter as file keys -> tensors (see the module docstring)."""
         out = {k[:-len(".weight")] + DELTA_SUFFIX: v for k, v in self.deltas.items()}
         out.update({PREFIX + k: v for k, v in self.temporal.items()})
+        out.update(self.lora)
         return out
 
 
@@ -82,8 +90,9 @@ def block_layout(model) -> list[list]:
             for path, _, block in transformer_blocks(unet_of(model))]
 
 
-def make_adapter(model, deltas: dict, temporal: dict, **info) -> TAVAdapter:
+def make_adapter(model, deltas: dict, temporal: dict, lora: dict | None = None, **info) -> TAVAdapter:
     """An adapter for `model` (the base it was tuned on) from trained tensors, kept as fp32.
+    lora: low-rank query deltas by file key (low_rank.factor_tensors).
 
     info: extra metadata (frames, prompt, steps, learning_rate, ...); values become strings.
     """
@@ -103,11 +112,12 @@ def make_adapter(model, deltas: dict, temporal: dict, **info) -> TAVAdapter:
         "temporal_attention": str(config.temporal_attention or bool(temporal)),
         "frame_shared_norm": str(config.frame_shared_norm), "temporal_init": config.temporal_init,
         "temporal_position_encoding": str(config.temporal_position_encoding),
-        "pack_version": PACK_VERSION,
+        "temporal_width": str(config.temporal_width), "pack_version": PACK_VERSION,
     }
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
     return TAVAdapter({k: store(k, v) for k, v in deltas.items()},
-                      {k: store(k, v) for k, v in temporal.items()}, metadata)
+                      {k: store(k, v) for k, v in temporal.items()}, metadata,
+                      {k: store(k, v) for k, v in (lora or {}).items()})
 
 
 def save_adapter(adapter: TAVAdapter, path, storage: str = "fp32") -> Path:
@@ -158,19 +168,25 @@ def parse_adapter(tensors, metadata, name) -> TAVAdapter:
     """This pack's adapter file (checked tensors and metadata) as a TAVAdapter; ValueError naming the file."""
     check_format_version(metadata, int(FORMAT_VERSION), name)  # first: a newer format may hold new keys
     check_adapter(tensors, metadata, name)
-    deltas, temporal = {}, {}
+    deltas, temporal, lora = {}, {}, {}
     for key, value in tensors.items():
         value = value.float()  # fp32 in memory, whatever the file's storage
-        if key.startswith(PREFIX) and key.endswith(DELTA_SUFFIX):
+        if key.startswith(PREFIX) and is_lora_key(key):
+            lora[key] = value
+        elif key.startswith(PREFIX) and key.endswith(DELTA_SUFFIX):
             deltas[key[:-len(DELTA_SUFFIX)] + ".weight"] = value
         elif key.startswith(PREFIX) and any(part in key for part in TEMPORAL_PARTS):
             temporal[key[len(PREFIX):]] = value
         else:
             raise ValueError(f"{name}: unexpected key {key!r} in a Tune-A-Video adapter (format "
                              f"{metadata.get('format_version', '?')}); the file is damaged or from another tool.")
-    if not deltas and not temporal:
+    if not deltas and not temporal and not lora:
         raise ValueError(f"{name} holds no tuned weights.")
-    return TAVAdapter(deltas, temporal, metadata)
+    try:
+        modules(lora)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return TAVAdapter(deltas, temporal, metadata, lora)
 
 
 def model_weight(model, key, name, shape) -> torch.Tensor:
@@ -196,6 +212,9 @@ def check_fits(model, adapter: TAVAdapter, name: str = "adapter"):
                          f"Load it onto a {family} checkpoint (any fine-tune of that family works).")
     for key, delta in adapter.deltas.items():
         model_weight(model, key, name, delta.shape)
+    for module, (down, up, _) in modules(adapter.lora).items():
+        model_weight(model, module + ".weight", name, (up.shape[0], down.shape[1]))
+    width = config_from_metadata(adapter.metadata).temporal_width
     blocks = {path: block for path, _, block in transformer_blocks(unet_of(model))}
     expected = {}
     for path in {k.split(".attn_temp.")[0].split(".norm_temp.")[0] for k in adapter.temporal}:
@@ -203,14 +222,15 @@ def check_fits(model, adapter: TAVAdapter, name: str = "adapter"):
         if block is None:
             raise ValueError(f"{name}: temporal attention for {path}, a transformer block this model does not "
                              f"have ({model_family(model)}, {len(blocks)} blocks); it was made for another layout.")
-        meta = TemporalAttention(block.attn1.to_q.in_features, block.n_heads, block.d_head, device="meta")
+        meta = temporal_layer(block, width, device="meta")
         expected.update({f"{path}.{k}": tuple(v.shape) for k, v in meta.state_dict().items()})
     for key, value in adapter.temporal.items():
         if key not in expected:
             raise ValueError(f"{name}: unexpected temporal attention key {key!r}.")
         if tuple(value.shape) != expected[key]:
             raise ValueError(f"{name}: {key} has shape {tuple(value.shape)} but this model needs {expected[key]} "
-                             f"({model_family(model)}); the file was made for another model family.")
+                             f"({model_family(model)}); the file was made for another model family"
+                             f"{'' if width else ' (or it was tuned with another temporal_width)'}.")
 
 
 def config_from_metadata(metadata: dict) -> TAVConfig:
@@ -221,7 +241,8 @@ def config_from_metadata(metadata: dict) -> TAVConfig:
                      metadata.get("temporal_attention", str(default.temporal_attention)) == "True",
                      metadata.get("frame_shared_norm", str(default.frame_shared_norm)) == "True",
                      metadata.get("temporal_init", default.temporal_init),
-                     metadata.get("temporal_position_encoding", str(default.temporal_position_encoding)) == "True")
+                     metadata.get("temporal_position_encoding", str(default.temporal_position_encoding)) == "True",
+                     int(metadata.get("temporal_width", default.temporal_width)))
 
 
 def apply_adapter(model, adapter: TAVAdapter, name: str = "adapter"):
@@ -236,14 +257,16 @@ def apply_adapter(model, adapter: TAVAdapter, name: str = "adapter"):
     if "temporal_position_encoding" in adapter.metadata:  # its temporal weights were tuned with (or without) it
         recorded = config_from_metadata(adapter.metadata).temporal_position_encoding
         config = replace(config, temporal_position_encoding=recorded)
-    if adapter.temporal and not config.temporal_attention:
-        config = replace(config, temporal_attention=True)
+    if adapter.temporal:  # its weights have the adapter's shapes
+        config = replace(config, temporal_attention=True,
+                         temporal_width=config_from_metadata(adapter.metadata).temporal_width)
     tuned = apply_tav(model, config, temporal_weights=dict(adapter.temporal) or None)
     if adapter.deltas:
         added = set(tuned.add_patches({k: ("diff", (v,)) for k, v in adapter.deltas.items()}))
         missing = sorted(set(adapter.deltas) - added)
         if missing:
             raise ValueError(f"{name}: {len(missing)} query deltas found no weight in this model (e.g. {missing[0]}).")
+    add_lora_patches(tuned, adapter.lora, name)
     tuned.set_attachments(ADAPTER_KEY, stack(adapter_of(model), adapter))
     return tuned
 
@@ -254,10 +277,13 @@ def adapter_of(model) -> TAVAdapter | None:
 
 
 def stack(below: TAVAdapter | None, above: TAVAdapter) -> TAVAdapter:
-    """One adapter equal to applying `below` and then `above`: deltas add, the latest temporal attention wins."""
+    """One adapter equal to applying `below` and then `above`: deltas add, the latest temporal attention wins.
+    Low-rank deltas stack side by side (low_rank.stack_lora); a layer with a full delta in either adapter
+    gets one full delta (the low-rank ones folded in), so a file never holds both kinds for one layer."""
     if below is None:
         return above
     deltas = dict(below.deltas)
     for key, delta in above.deltas.items():
         deltas[key] = deltas[key] + delta if key in deltas else delta
-    return TAVAdapter(deltas, dict(above.temporal or below.temporal), dict(above.metadata))
+    lora = fold_into(deltas, stack_lora(below.lora, above.lora))
+    return TAVAdapter(deltas, dict(above.temporal or below.temporal), dict(above.metadata), lora)

@@ -16,6 +16,7 @@ import comfy.utils
 
 from ..attention_patches.unet_patch import TAVConfig, apply_tav, get_tav_patch
 from .adapters import adapter_of, apply_adapter, make_adapter
+from .low_rank import check_query_rank
 from .training_clone import TuningRun
 from .tuning_objective import NODE
 from .validation import MAX_STEPS, check_count, check_latent
@@ -83,7 +84,7 @@ def loss_curve_image(losses, size=(256, 96)):
 
 def tune_clip(model, latent, positive, steps=500, learning_rate=3e-5, seed=0, trainable=DEFAULT_TRAINABLE,
               precision="bf16", gradient_checkpointing=True, preview_every=0, prompt_text="", callback=None,
-              **loop_args):
+              query_rank=0, **loop_args):
     """One-shot tune `model` on a clip. Returns (tuned MODEL, TAVAdapter, losses per step).
 
     model: a MODEL, patched by TuneAVideoApplyAttention or patched here with TAV's defaults. latent:
@@ -91,9 +92,11 @@ def tune_clip(model, latent, positive, steps=500, learning_rate=3e-5, seed=0, tr
     source prompt. The input model and its checkpoint are never written; on cancel (ComfyUI's interrupt)
     or error nothing is left applied. callback(step, loss, params) is called after every step; loop_args
     go to tuning_objective.run_tuning (e.g. draw). The adapter holds everything the tuned model has on
-    top of its checkpoint (a previous adapter's deltas included).
+    top of its checkpoint (a previous adapter's deltas included). query_rank > 0: the query deltas are
+    low-rank (LoRA, sampling/low_rank.py) of that rank instead of full matrices (big UNets: SDXL).
     """
     check_arguments(model, steps, learning_rate, trainable, precision)
+    check_query_rank(query_rank, NODE)
     samples = check_latent(latent, model.get_model_object("latent_format").latent_channels)
     if not positive:
         raise ValueError(f"{NODE}: positive is empty; connect CLIP Text Encode with the clip's prompt.")
@@ -119,10 +122,12 @@ def tune_clip(model, latent, positive, steps=500, learning_rate=3e-5, seed=0, tr
         # Inputs are inference tensors (the executor runs nodes under inference_mode): use copies.
         conds = [[c.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}]
                  for c, d in positive]
-        run = TuningRun(patched, queries, temporal_parts, PRECISIONS[precision], gradient_checkpointing)
+        run = TuningRun(patched, queries, temporal_parts, PRECISIONS[precision], gradient_checkpointing,
+                        query_rank, seed)
         try:
             run.train(samples.clone(), conds, steps, learning_rate, seed, on_step, **loop_args)
             deltas, temporal = run.trained()
+            lora = run.trained_lora()
         except torch.OutOfMemoryError as e:
             raise torch.OutOfMemoryError(_out_of_memory_message(samples, precision, gradient_checkpointing)) from e
         except RuntimeError as e:
@@ -136,6 +141,7 @@ def tune_clip(model, latent, positive, steps=500, learning_rate=3e-5, seed=0, tr
     h, w = samples.shape[-2:]
     increment = make_adapter(patched, deltas, temporal, frames=samples.shape[0], latent_size=f"{w}x{h}",
                              prompt=prompt_text, steps=steps, learning_rate=learning_rate, seed=seed,
-                             trainable=trainable, precision=precision, final_loss=losses[-1])
+                             trainable=trainable, precision=precision, final_loss=losses[-1], lora=lora,
+                             query_rank=query_rank if queries else 0)
     tuned = apply_adapter(patched, increment)
     return tuned, adapter_of(tuned), losses

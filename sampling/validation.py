@@ -122,6 +122,9 @@ def check_adapter(tensors: dict, metadata: dict, name: str):
     for key in ("temporal_attention", "frame_shared_norm", "temporal_position_encoding"):
         if bad is None and metadata.get(key, "True") not in BOOLEANS:
             bad = (key, metadata[key], "True or False")
+    width = metadata.get("temporal_width", "0")  # low-rank/narrow setting (attention_patches/unet_patch.py)
+    if bad is None and not (re.fullmatch(r"\d{1,5}", width) and int(width) % 64 == 0):
+        bad = ("temporal_width", width, "0 or a multiple of 64")
     if bad:
         key, value, expected = bad
         raise ValueError(f"{name}: metadata {key} is {value!r}, not {expected}; the file's metadata was edited or "
