@@ -129,6 +129,7 @@ class TAVPatch:
         return self
 
     def attn1_replace(self, q, k, v, extra_options):
+        q, k, v = (_tensor(t) for t in (q, k, v))
         layout = clip_layout(q.shape[0], extra_options)
         return frame_attention(q, k, v, extra_options["n_heads"], layout.clips, layout.positions,
                                self.config.attention_mode, self.config.window_radius,
@@ -167,6 +168,13 @@ class TAVPatch:
     def temporal_state_dict(self) -> dict[str, torch.Tensor]:
         """Temporal attention weights, keyed `<unet block path>.{attn_temp,norm_temp}.<param>`."""
         return {} if self.temporal is None else self.temporal.state_dict()
+
+
+def _tensor(t) -> torch.Tensor:
+    """q/k/v as a tensor. ComfyUI 0.33+ has single-owner attention tensor containers (`take()`), which its
+    CrossAttention hands to optimized_attention since 0.40; replace patches still get tensors, but should they
+    ever get containers, the tensor is taken out (docs/comfyui-versions.md)."""
+    return t if isinstance(t, torch.Tensor) or not callable(getattr(t, "take", None)) else t.take()
 
 
 def _temporal_hook(module: TemporalAttention, frames: int, positions, block, args, kwargs, output):

@@ -9,7 +9,8 @@ the mechanism of core's own trainer), which run inside ComfyUI's weight cast at 
   (autograd may save it), and detaching it keeps gradients off frozen weights in every context.
 The loaded weights are what ComfyUI's own loading makes of this clone: the checkpoint's unpatched
 weights (restored from the patcher's backup when another clone of the checkpoint was loaded before,
-LoRA'd, tuned or cancelled) plus this model's own patches. The temporal attention is the clone's own copy.
+LoRA'd, tuned or cancelled) plus this model's own patches. Under dynamic VRAM the run trains on core's
+classic patcher over a fresh copy of the weights (dynamic_vram.py). The temporal attention is the clone's own copy.
 Gradient checkpointing (non-reentrant) covers transformer blocks, temporal attention and res blocks;
 it keeps frame-attention and convolution outputs and recomputes the rest (see _keep_attention).
 """
@@ -29,6 +30,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
 from ..attention_patches.unet_patch import apply_tav, get_tav_patch, unet_of
 from .adapters import PREFIX
+from .dynamic_vram import check_wrappers_applied, in_training, is_dynamic, training_patcher
 from .low_rank import DOWN, UP, LowRankDelta, factor_tensors, is_lora_key, module_key, new_factors
 from .tuning_objective import run_tuning
 
@@ -147,11 +149,6 @@ class _TuningSampler(comfy.samplers.Sampler):
         return latent_image
 
 
-def _is_dynamic(model) -> bool:
-    """ComfyUI's dynamic VRAM patcher (0.28+ on GPUs) stages weights per module and refuses full loads."""
-    return bool(getattr(model, "is_dynamic", lambda: False)())
-
-
 class TuningRun:
     """A training clone of a TAV-patched model and its trainable tensors. close() unloads it and removes
     every trace from the shared module tree.
@@ -163,6 +160,7 @@ class TuningRun:
 
     def __init__(self, patched, queries, temporal=("attn_temp",), precision=torch.float32, checkpointing=True,
                  query_rank=0, seed=0):
+        patched = training_patcher(patched)  # under dynamic VRAM: the classic patcher (dynamic_vram.py)
         patch = get_tav_patch(patched)
         self.model = apply_tav(patched, patch.config, temporal_weights=patch.temporal_state_dict() or None)
         self.patch = get_tav_patch(self.model)
@@ -226,7 +224,8 @@ class TuningRun:
         # Training owns the device: everything else is unloaded. ComfyUI's load of this clone restores the
         # checkpoint's unpatched weights (the shared backup) before applying this clone's own patches.
         comfy.model_management.load_models_gpu(models, memory_required=1e20,
-                                               force_full_load=not _is_dynamic(self.model))
+                                               force_full_load=not is_dynamic(self.model))
+        check_wrappers_applied(self.model, [(k, f) for k, f in self._wrapped if f is not frozen])
 
     def train(self, samples, positive, steps, learning_rate, seed, callback=None, **loop_args):
         self.load()
@@ -237,7 +236,8 @@ class TuningRun:
         guider = comfy.samplers.CFGGuider(self.model)
         guider.inner_set_conds({"positive": positive})
         guider.set_cfg(1.0)
-        guider.sample(torch.zeros_like(samples), samples, sampler, torch.ones(2), seed=seed)
+        with in_training():
+            guider.sample(torch.zeros_like(samples), samples, sampler, torch.ones(2), seed=seed)
         return sampler.losses
 
     def trained(self) -> tuple[dict, dict]:

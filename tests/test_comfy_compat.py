@@ -12,6 +12,8 @@ import safetensors.torch
 import torch
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_management
+import comfy.model_patcher
 import comfy.ops
 
 import tavlib
@@ -189,3 +191,232 @@ def test_temporal_attention_builds_and_loads_while_linears_defer_their_tensors(d
     model = up.apply_tav(fresh_base(), up.TAVConfig(temporal_attention=True), temporal_weights=seeded_temporal())
     adapter = ad.make_adapter(model, {}, up.get_tav_patch(model).temporal_state_dict())
     ad.check_fits(fresh_base(), adapter)  # builds TemporalAttention on the meta device for its shapes
+
+
+# --- attention overrides: Model Attention Backend, stacked overrides (nodes_sparse_attention) ------------------
+
+FRAMES = 3
+CONDS = [tavlib.context(1), tavlib.context(2)]
+
+
+def counting_backend(calls):
+    """An attention backend that records each call's (query length, key length) and runs ComfyUI's basic
+    attention (a different kernel from the default one: results agree within fp32 rounding)."""
+    def attention(q, k, v, heads, *args, **kwargs):
+        calls.append((q.shape[-2], k.shape[-2]))
+        return comfy_attention.attention_basic(q, k, v, heads, *args, **kwargs)
+    return attention
+
+
+def with_backend(model, attention):
+    """What core's Model Attention Backend node does (ModelPatcher.set_model_optimized_attention, 0.33+);
+    on 0.3.75 the same override, installed by hand."""
+    m = model.clone()
+    if hasattr(m, "set_model_optimized_attention"):
+        m.set_model_optimized_attention(attention)
+    else:
+        def optimized_attention_override(_, *args, **kwargs):
+            return attention(*args, **kwargs)
+        m.model_options["transformer_options"]["optimized_attention_override"] = optimized_attention_override
+    return m
+
+
+def with_declining_override(model, declined):
+    """nodes_sparse_attention's way (0.40+): its override goes on top of whatever override is there, declines
+    calls it cannot take (here: all, as it does for SD's head sizes on the CPU) by running the previous
+    override or the plain function, and is installed again before every step."""
+    def install(transformer_options):
+        previous = transformer_options.get("optimized_attention_override")
+        if getattr(previous, "declining", False):
+            return
+
+        def override(func, *args, **kwargs):
+            declined.append(1)
+            return func(*args, **kwargs) if previous is None else previous(func, *args, **kwargs)
+        override.declining = True
+        transformer_options["optimized_attention_override"] = override
+
+    m = model.clone()
+    install(m.model_options["transformer_options"])
+    m.add_callback_with_key(  # newer ComfyUI passes the step's model_options; 0.3.75 only (patcher, timestep)
+        "on_prepare_state", "declining_override",
+        lambda patcher, timestep, *options: install((options[0] if options else patcher.model_options)
+                                                    ["transformer_options"]))
+    return m
+
+
+@pytest.fixture(scope="module")
+def tav_base():
+    """The tiny base and the plain Tune-A-Video prediction (every part on, nonzero temporal weights)."""
+    base = fresh_base()
+    config = up.TAVConfig(temporal_attention=True, frame_shared_norm=True)
+    x = tavlib.latents(FRAMES)
+    plain = tavlib.predict(up.apply_tav(base, config, temporal_weights=seeded_temporal()), x, contexts=CONDS)
+    return base, config, x, plain
+
+
+def tav(model, config):
+    return up.apply_tav(model, config, temporal_weights=seeded_temporal())
+
+
+def close(a, b):
+    return max((p - q).abs().max().item() for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("order", ["backend_then_tav", "tav_then_backend"])
+def test_frame_and_temporal_attention_follow_an_attention_backend(tav_base, order):
+    base, config, x, plain = tav_base
+    calls = []
+    backend = counting_backend(calls)
+    model = tav(with_backend(base, backend), config) if order == "backend_then_tav" \
+        else with_backend(tav(base, config), backend)
+    got = tavlib.predict(model, x, contexts=CONDS)
+    assert close(got, plain) <= 1e-5
+    tokens = {q for q, _ in calls}
+    assert any(k == 2 * q for q, k in calls), "frame attention (each frame: itself and one earlier) must use it"
+    assert FRAMES in tokens, "temporal attention (a sequence of the clip's frames) must use it"
+
+
+@pytest.mark.parametrize("order", ["override_then_tav", "tav_then_override", "backend_override_tav"])
+def test_stacked_declining_overrides_leave_the_result_alone(tav_base, order):
+    base, config, x, plain = tav_base
+    declined, calls = [], []
+    if order == "override_then_tav":
+        model = tav(with_declining_override(base, declined), config)
+    elif order == "tav_then_override":
+        model = with_declining_override(tav(base, config), declined)
+    else:  # Model Attention Backend, then the stacked override on top of it, then Apply Attention
+        model = tav(with_declining_override(with_backend(base, counting_backend(calls)), declined), config)
+    got = tavlib.predict(model, x, contexts=CONDS)
+    assert close(got, plain) <= 1e-5
+    assert declined and (order != "backend_override_tav" or len(calls) == len(declined))
+
+
+def test_attn1_replace_takes_tensors_out_of_attention_containers(tav_base):
+    """0.33+ has AttentionTensorContainer (single-owner q/k/v; core's CrossAttention passes them to
+    optimized_attention since 0.40). Should a replace patch get them, the result is the same."""
+    base, config, _, _ = tav_base
+    container = getattr(comfy_attention, "AttentionTensorContainer", None)
+    if container is None:  # 0.3.75: the same interface
+        class container:
+            def __init__(self, tensor):
+                self.tensor = tensor
+
+            def take(self):
+                tensor, self.tensor = self.tensor, None
+                return tensor
+    patch = up.get_tav_patch(tav(base, config))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2 * FRAMES, 16, 32, generator=g) for _ in range(3))
+    options = {"n_heads": 4, "cond_or_uncond": [0, 1], "attn_precision": None}
+    want = patch.attn1_replace(q, k, v, options)
+    boxes = [container(t) for t in (q, k, v)]
+    assert torch.equal(patch.attn1_replace(*boxes, options), want)
+    assert all(b.tensor is None for b in boxes)  # taken, as core's backends take them
+
+
+# --- patchers: fast_disk (0.40+, PR #16333), dynamic VRAM (ModelPatcherDynamic, 0.28+ on GPUs) ----------------
+
+ost = tavlib.pack_module("sampling.one_shot_tuning")
+lc = tavlib.pack_module("sampling.long_clip")
+CLIP = tavlib.latents(4)
+POSITIVE = [[tavlib.context(100), {}]]
+
+
+class FastDiskPatcher(comfy.model_patcher.ModelPatcher):
+    """ModelPatcher as of 0.40: __init__ takes fast_disk, and clone() hands it to the patcher's class."""
+
+    def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False, fast_disk=False):
+        super().__init__(model, load_device, offload_device, size, weight_inplace_update)
+        self.fast_disk = fast_disk
+
+    def clone(self, *args, **kwargs):
+        n = super().clone(*args, **kwargs)
+        n.fast_disk = self.fast_disk
+        return n
+
+
+class DynamicLikePatcher(comfy.model_patcher.ModelPatcher):
+    """ModelPatcherDynamic as a node meets it (on a CPU core hands out the classic patcher, so it is reproduced):
+    is_dynamic(); its load leaves layers of at most 16 KiB without their weight wrappers (ModelPatcherDynamic.load
+    force-loads those without setup_param); get_non_dynamic_delegate() is a classic ModelPatcher on a fresh copy
+    of the weights (core reloads the checkpoint with the loader that made it), or raises where nothing can."""
+    reloadable = True
+
+    def is_dynamic(self):
+        return True
+
+    def load(self, *args, **kwargs):
+        out = super().load(*args, **kwargs)
+        for m in self.model.modules():
+            if hasattr(m, "weight_function") and comfy.model_management.module_size(m) <= 16 * 1024:
+                m.weight_function, m.bias_function = [], []
+        return out
+
+    def get_non_dynamic_delegate(self):
+        if not self.reloadable:
+            raise RuntimeError("Cannot create non-dynamic delegate: cached_patcher_init is not initialized.")
+        n = comfy.model_patcher.ModelPatcher.clone(self)
+        n.__class__ = comfy.model_patcher.ModelPatcher
+        n.model = fresh_base().model  # the loader's reload: the same checkpoint weights in a tree of its own
+        n.backup, n.object_patches_backup = {}, {}
+        for name, empty in (("backup_buffers", {}), ("pinned", set())):
+            if hasattr(n, name):
+                setattr(n, name, empty)
+        return n
+
+
+def as_patcher(cls, **kw):
+    tiny = fresh_base()
+    return cls(tiny.model, tiny.load_device, tiny.offload_device, **kw)
+
+
+def tune(model, steps=3):
+    with torch.inference_mode():
+        return ost.tune_clip(model, {"samples": CLIP}, POSITIVE, steps=steps, learning_rate=1e-2, precision="fp32",
+                             trainable="queries+temporal")
+
+
+def test_nodes_work_on_a_patcher_class_whose_init_takes_fast_disk():
+    base = as_patcher(FastDiskPatcher, fast_disk=True)
+    model = lc.apply_long_clip(up.apply_tav(base, up.TAVConfig(temporal_attention=True)), chunk_frames=2)
+    assert type(model) is FastDiskPatcher and model.fast_disk
+    x = tavlib.latents(FRAMES)
+    plain = lc.apply_long_clip(up.apply_tav(fresh_base(), up.TAVConfig(temporal_attention=True)), chunk_frames=2)
+    assert close(tavlib.predict(model, x, contexts=CONDS), tavlib.predict(plain, x, contexts=CONDS)) <= 1e-6
+    tuned, adapter, losses = tune(base, steps=2)
+    assert type(tuned) is FastDiskPatcher and tuned.fast_disk and len(losses) == 2
+    assert any(d.abs().max() > 0 for d in adapter.deltas.values())
+
+
+def test_tuning_under_dynamic_vram_trains_on_the_classic_delegate():
+    """Were the run left on the dynamic patcher, the tiny UNet's query layers would load without their deltas
+    (all are under 16 KiB): nothing would train. On the delegate it trains exactly as on the classic patcher."""
+    base = as_patcher(DynamicLikePatcher)
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    _, adapter, losses = tune(base)
+    _, want, want_losses = tune(fresh_base())
+    assert losses == pytest.approx(want_losses, rel=1e-6, abs=1e-7)
+    assert set(adapter.deltas) == set(want.deltas)
+    assert all(torch.allclose(adapter.deltas[k], want.deltas[k], atol=1e-6) for k in want.deltas)
+    assert any(d.abs().max() > 0 for d in adapter.deltas.values())
+    assert all(torch.equal(v, before[k]) for k, v in base.model.state_dict().items())  # the base is untouched
+
+
+def test_tuning_on_a_dynamic_patcher_without_a_delegate_is_a_clear_error():
+    base = as_patcher(DynamicLikePatcher)
+    DynamicLikePatcher.reloadable = False
+    try:
+        with pytest.raises(RuntimeError, match="without their training hook.*--disable-dynamic-vram"):
+            tune(base, steps=1)
+    finally:
+        DynamicLikePatcher.reloadable = True
+    model = up.apply_tav(base, up.TAVConfig(temporal_attention=True))
+    assert tavlib.predict(model, tavlib.latents(FRAMES), contexts=CONDS)[0].isfinite().all()  # nothing left behind
+
+
+def test_temporal_attention_stays_on_a_classic_patcher_under_a_dynamic_model():
+    """Its parameters are trained in place; a dynamic patcher would stage copies and train nothing."""
+    model = up.apply_tav(as_patcher(DynamicLikePatcher), up.TAVConfig(temporal_attention=True))
+    extra = model.get_nested_additional_models()
+    assert extra and not any(getattr(m, "is_dynamic", lambda: False)() for m in extra)

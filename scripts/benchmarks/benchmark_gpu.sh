@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # One command on a machine with an NVIDIA GPU (<= 8 min): tuning 24 frames x 512^2 (bf16/fp16,
 # checkpointing on/off, 500 steps extrapolated, peak VRAM), invert 50 + sample 50 (cfg), attention
-# backends; one table. --dry-run: the same code on the CPU at tiny sizes (what CI runs). Other
-# arguments go to scripts/benchmarks/benchmark_gpu.py (--frames, --size, --steps, --precisions, --json).
+# backends; one table; then the dynamic VRAM check (dynamic_vram_check.py, a few minutes more). --dry-run:
+# the same code on the CPU at tiny sizes (what CI runs). Other arguments go to
+# scripts/benchmarks/benchmark_gpu.py (--frames, --size, --steps, --precisions, --json).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x "${TAV_VENV:-.venv}/bin/python" ]; then PY=${TAV_VENV:-.venv}/bin/python; else PY=python3; fi
 fi
-exec "$PY" scripts/benchmarks/benchmark_gpu.py "$@"
+"$PY" scripts/benchmarks/benchmark_gpu.py "$@"
+# Dynamic VRAM (ComfyUI 0.28+ on NVIDIA): the pack on a ModelPatcherDynamic model against the classic patcher;
+# says SKIPPED where this ComfyUI or machine has none (e.g. TAV_COMFYUI=0.33.0 TAV_VENV=.venv-0.33.0 runs it).
+case " $* " in
+  *" --dry-run "*) ;;  # the CPU has no dynamic VRAM (the check's own --dry-run keeps it working)
+  *) "$PY" scripts/benchmarks/dynamic_vram_check.py ;;
+esac
