@@ -12,7 +12,7 @@ tuned model and samples the edited prompt, headless in a ComfyUI server it start
 adapter and the video were written. The first run builds .venv (CPU PyTorch, ComfyUI's requirements)
 and fetches ComfyUI 0.3.75 into .cache; nothing comes from model hubs.
 
-  (no --ckpt)      the toy world (README "The toy world"): builds its checkpoint on the first run
+  (no --ckpt)      the toy world (docs/toy-world.md): builds its checkpoint on the first run
                    (about 12 min on 2 cores; cached in .cache/toy_world/), tunes on a green ring moving
                    along an arc, edits it to --prompt (default "a yellow ring"; any "a <red|green|
                    blue|yellow> <circle|ring|bar>") and prints the edit's scores. Other options
@@ -24,6 +24,8 @@ and fetches ComfyUI 0.3.75 into .cache; nothing comes from model hubs.
   --random         a seeded random-weight SD1.5 on the sample clip: proves the pipeline runs in
                    about 2 min (the video is noise).
   --prompt TEXT    the edited prompt (default with --ckpt/--random: an oil-painted sun and kite)
+  --threads N      CPU threads (default: one per free core, from the load average; never more than
+                   the cores). The toy-world checkpoint is the same on any count.
   -h, --help       this help
 
 With --ckpt or --random, other options go to scripts/client/run_workflow.py, e.g. --seed 1, --tune-steps 300, --precision fp16,
@@ -36,12 +38,15 @@ die() { echo "demo.sh: $*" >&2; echo "See scripts/demo.sh --help" >&2; exit 2; }
 CKPT=""
 RANDOM_CKPT=0
 PROMPT=""
+THREADS=""
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --ckpt) { [ $# -ge 2 ] && [ -n "$2" ]; } || die "--ckpt needs a checkpoint file"; CKPT=$2; shift 2 ;;
     --random) RANDOM_CKPT=1; shift ;;
     --prompt) { [ $# -ge 2 ] && [ -n "$2" ]; } || die "--prompt needs a text"; PROMPT=$2; shift 2 ;;
+    --threads) { [ $# -ge 2 ] && [ "$2" -ge 1 ] 2>/dev/null; } || die "--threads needs a number >= 1"
+               THREADS=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) EXTRA+=("$1"); shift ;;
   esac
@@ -51,8 +56,11 @@ if [ -z "$CKPT" ] && [ "$RANDOM_CKPT" = 0 ]; then
   scripts/env/setup.sh
   echo "No --ckpt given: the toy world (first run builds its checkpoint, about 12 min on 2 cores)." >&2
   exec "${TAV_VENV:-.venv}/bin/python" scripts/toy_world/toy_world_edit.py --demo ${PROMPT:+--prompt "$PROMPT"} \
-    ${EXTRA[@]+"${EXTRA[@]}"}
+    ${THREADS:+--threads "$THREADS"} ${EXTRA[@]+"${EXTRA[@]}"}
 fi
+# The server run_workflow.py starts inherits OMP_NUM_THREADS: torch's thread count there.
+OMP_NUM_THREADS=$("${PYTHON:-python3}" scripts/toy_world/cpu_threads.py ${THREADS:+"$THREADS"})
+export OMP_NUM_THREADS
 [ -n "$PROMPT" ] || PROMPT="a glowing orange sun drifting over a purple sea, a blue kite bobbing in the sky, oil painting"
 WORKFLOW=workflows/api/tav_tune_and_edit_api.json
 # Check the arguments now (stdlib Python), not after minutes of setup and a server start.

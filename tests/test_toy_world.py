@@ -103,14 +103,71 @@ def test_vae_psnr_and_recognisability(tw, toy_vae):
     assert max(math.dist(o["centre"], c.tolist()) for o, c in zip(found, centres)) < 1.5
 
 
-def test_checkpoint_format_through_comfyui(tmp_path, one_thread):
-    """A 2-step build (format only): ComfyUI detects SD15; CLIP Text Encode, KSampler and VAE run on it."""
+TINY = {"steps": 3, "batch": 8}  # two micro-batches per step: both workers have one
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    """A 3-step build on one thread, its state kept (fp32 weights): (checkpoint, state file)."""
     import build_toy_world
+
+    path = tmp_path_factory.mktemp("toy") / "toy.safetensors"
+    build_toy_world.build(path=path, threads=1, save_every=1, keep_state=True, log=lambda s: None, **TINY)
+    return path, path.with_name("toy.state.pt")
+
+
+def _weights(state_path):
+    return torch.load(state_path, weights_only=False)["unet"]
+
+
+def test_build_is_bit_identical_on_any_thread_count(tiny_build, tmp_path):
+    """Micro-batches on 1 or 2 worker threads, one intra-op thread each, summed in a fixed order: the same bits."""
+    import build_toy_world
+
+    path = tmp_path / "toy.safetensors"
+    build_toy_world.build(path=path, threads=2, save_every=1, keep_state=True, log=lambda s: None, **TINY)
+    one, two = _weights(tiny_build[1]), _weights(path.with_name("toy.state.pt"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in one.items() if k.startswith("out.2"))  # it trained
+
+
+def test_interrupted_build_resumes_to_the_same_weights(tiny_build, tmp_path, monkeypatch):
+    """Interrupted right after its step-2 save, the build leaves its state; the next build says it resumes at
+    step 2 and ends bit-identical to the uninterrupted build (the checkpoint too)."""
+    import build_toy_world
+    import safetensors.torch
+    import toy_train
+
+    save = toy_train._save_state
+
+    def save_then_interrupt(path, unet, opt, sched, g, step, *rest):
+        save(path, unet, opt, sched, g, step, *rest)
+        if step == 2:
+            raise KeyboardInterrupt  # as Ctrl-C after the save
+    monkeypatch.setattr(toy_train, "_save_state", save_then_interrupt)
+    path = tmp_path / "toy.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        build_toy_world.build(path=path, threads=2, save_every=1, log=lambda s: None, **TINY)
+    assert not path.exists() and torch.load(path.with_name("toy.state.pt"), weights_only=False)["step"] == 2
+    monkeypatch.setattr(toy_train, "_save_state", save)
+    logged = []
+    build_toy_world.build(path=path, threads=1, save_every=1, keep_state=True, log=logged.append, **TINY)
+    assert any("resuming the interrupted build at step 2/3" in line for line in logged), logged
+    one, resumed = _weights(tiny_build[1]), _weights(path.with_name("toy.state.pt"))
+    assert all(torch.equal(one[k], resumed[k]) for k in one)
+    a, b = (safetensors.torch.load_file(str(f)) for f in (tiny_build[0], path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    build_toy_world.build(path=path, force=True, threads=1, log=logged.append, **TINY)  # force: from scratch
+    assert not path.with_name("toy.state.pt").exists() and sum("resuming" in line for line in logged) == 1
+
+
+def test_checkpoint_format_through_comfyui(tiny_build, one_thread):
+    """A 3-step build (format only): ComfyUI detects SD15; CLIP Text Encode, KSampler and VAE run on it."""
     import comfy.sd
     import comfy.supported_models
     import nodes
 
-    path = build_toy_world.build(path=tmp_path / "toy.safetensors", steps=2, batch=2, log=lambda s: None)
+    path = tiny_build[0]
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path))
     assert type(model.model.model_config) is comfy.supported_models.SD15
     with torch.inference_mode():
@@ -121,7 +178,7 @@ def test_checkpoint_format_through_comfyui(tmp_path, one_thread):
     assert image.shape == (1, SIZE, SIZE, 3) and torch.isfinite(image).all()
 
 
-def test_built_clip_tells_vocabulary_words_apart(tw, tmp_path, one_thread):
+def test_built_clip_tells_vocabulary_words_apart(tw, tiny_build, one_thread):
     """The built CLIP-L: the 7 words' token rows are large and mutually orthogonal (nothing else changes),
     so "a red circle" and "a red ring" differ clearly at the shape word, unlike with the random CLIP."""
     import build_toy_world
@@ -129,8 +186,7 @@ def test_built_clip_tells_vocabulary_words_apart(tw, tmp_path, one_thread):
     import random_models
     import safetensors.torch
 
-    path = build_toy_world.build(path=tmp_path / "toy.safetensors", steps=1, batch=1, log=lambda s: None)
-    built = safetensors.torch.load_file(str(path))
+    built = safetensors.torch.load_file(str(tiny_build[0]))
     base = safetensors.torch.load_file(str(random_models.random_checkpoint()))
     key = build_toy_world.TOKEN_EMBEDDING
     clips = {name: comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_model=False)[1]
@@ -151,10 +207,10 @@ def test_built_clip_tells_vocabulary_words_apart(tw, tmp_path, one_thread):
 
 
 def test_object_weights_mark_the_object_cells(tw):
-    import build_toy_world
+    import toy_train
 
     frames = tw.render(["red", "blue"], ["bar", "circle"], [(30.0, 30.0), (60.0, 50.0)], SIZE)
-    w = build_toy_world.object_weights(frames, 3.0)
+    w = toy_train.object_weights(frames, 3.0)
     assert w.shape == (2, 1, SIZE // 8, SIZE // 8)
     assert w.min() == 1 and w.max() == 4  # 1 on plain background, 1 + 3 on cells the object fills
     assert w[0, 0, 3, 3] == 4 and w[0, 0, 11, 11] == 1 and w[1, 0, 6, 7] == 4 and w[1, 0, 0, 0] == 1
@@ -215,3 +271,30 @@ def test_paired_consistency_line_compares_edit_by_edit():
     assert size == ("size_spread, tune_a_video minus per_frame, per edit: mean -0.0100, median -0.0100, "
                     "lower in 1 of 2")
     assert colour.endswith("mean +0.0000, median +0.0000, lower in 0 of 2")
+
+
+def test_demo_records_the_labelled_strip_in_its_scores_and_reports_each_phase(tiny_build, tmp_path, monkeypatch,
+                                                                              capsys):
+    """The demo on a real server (the tiny build, 1 tuning step, 2 DDIM steps): the scores JSON names the
+    strip (it was written before the strip's path was set), the strip has a label margin with text in every
+    row, and the server's tuning, inversion and sampling progress reaches the terminal."""
+    import json
+
+    import numpy as np
+    import strip_png
+    import toy_world_edit
+    from PIL import Image
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the demo sets it for its server; restored afterwards
+    base = tmp_path / "comfy"
+    assert toy_world_edit.main(["--demo", "--checkpoint", str(tiny_build[0]), "--tune-steps", "1", "--steps", "2",
+                                "--base-dir", str(base), "--threads", "1"]) == 0
+    (row,) = json.loads((tmp_path / "demo_scores.json").read_text())
+    strip = np.asarray(Image.open(row["strip"]).convert("L"))
+    rows = ["source", *(m for m in toy_world_edit.METHODS if m in row)]
+    assert strip.shape == (SIZE * len(rows), strip_png.MARGIN + toy_world_edit.FRAMES * SIZE)
+    for i in range(len(rows)):  # white label text in every row's margin
+        assert (strip[i * SIZE:(i + 1) * SIZE, :strip_png.MARGIN] > 200).sum() > 20, rows[i]
+    err = capsys.readouterr().err
+    for phase in ("tuning step 1/1", "inversion step", "sampling step", "thread(s)"):
+        assert phase in err, phase

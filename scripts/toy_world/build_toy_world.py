@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,9 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 import comfy_runtime  # noqa: E402
+import cpu_threads  # noqa: E402
 import random_models  # noqa: E402
+import toy_train  # noqa: E402
 
-VERSION = 4  # bump when the recipe changes: the cached file name changes with it
+VERSION = 5  # bump when the recipe changes: the cached file name changes with it
 FRAME_SIZE = 96
 DEFAULTS = {"steps": 800, "batch": 16, "lr": 1e-3, "seed": 0, "dropout": 0.1, "object_weight": 3.0, "min_snr": 5.0}
 VOCAB_NORM = 256.0  # norm of each vocabulary word's token embedding (the random CLIP's rows: about 0.55)
@@ -106,71 +107,14 @@ def _reinit(unet):
             torch.nn.init.zeros_(m.weight), torch.nn.init.zeros_(m.bias)
 
 
-def object_weights(frames, weight: float):
-    """Loss weight per latent cell [N, 1, h, w]: 1 + weight near the object (its cells dilated by one).
+def build(force=False, log=print, path: Path | None = None, threads: int | None = None, save_every: int = 50,
+          keep_state: bool = False, **overrides) -> Path:
+    """The cached toy-world checkpoint (or `path`), built first when missing (or when force).
 
-    Most cells are plain background; the shape lives in the few cells of the object's outline.
+    threads: how many micro-batches train at once (default: one per free core); the result does not
+    depend on it. An interrupted build leaves `<path stem>.state.pt` beside the checkpoint (every
+    save_every steps) and the next build continues from it (keep_state: keep it after the build).
     """
-    import torch.nn.functional as F
-
-    cover = F.avg_pool2d((frames.amax(-1) > 0.5).float().unsqueeze(1), 8)
-    return 1 + weight * F.max_pool2d(cover, 3, 1, 1)
-
-
-def train_unet(unet, contexts, empty, toy_world, toy_vae, steps, batch, lr, seed, dropout, log=print,
-               snapshot=None, object_weight=0.0, min_snr=0.0):
-    """Train unet (in place, fp32) to predict the noise of rendered toy-world latents. Returns the loss log."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alphas = torch.cumprod(1 - betas, 0).float()  # SD1.5's DDPM schedule (scaled_linear)
-    unet.requires_grad_(True)  # newer ComfyUI ops create their Parameters with requires_grad=False
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1, (i + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps))))
-    unet.train()
-    losses, t0, c0 = [], time.time(), time.process_time()
-    names = list(toy_world.COLOURS)
-    for step in range(steps):
-        colours, shapes, centres = toy_world.random_scenes(batch, FRAME_SIZE, g)
-        frames = toy_world.render(colours, shapes, centres, FRAME_SIZE)
-        x0 = toy_vae.encode_reference(frames)
-        w = object_weights(frames, object_weight)
-        idx = torch.tensor([names.index(c) * len(toy_world.SHAPES) + toy_world.SHAPES.index(s)
-                            for c, s in zip(colours, shapes)])
-        ctx = contexts[idx]
-        drop = torch.rand(batch, generator=g) < dropout
-        ctx[drop] = empty
-        t = torch.randint(0, 1000, (batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls (AMX where the CPU has it)
-            pred = unet(xt, timesteps=t.float(), context=ctx)
-        if min_snr:  # min-SNR-gamma weighting (Hang et al. 2023): less weight on the nearly clean steps
-            w = w * (min_snr / (a / (1 - a))).clamp(max=1)
-        loss = (w * (pred.float() - noise) ** 2).mean() / w.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if snapshot and (step + 1) % snapshot[0] == 0 and step + 1 < steps:
-            snapshot[1](step + 1, losses)
-        if step % 25 == 0 or step == steps - 1:
-            recent = sum(losses[-50:]) / len(losses[-50:])
-            log(f"step {step + 1}/{steps} loss {recent:.4f} wall {time.time() - t0:.0f}s "
-                f"cpu {time.process_time() - c0:.0f}s")
-    unet.eval()
-    return losses
-
-
-def build(force=False, log=print, path: Path | None = None, **overrides) -> Path:
-    """The cached toy-world checkpoint (or `path`), built first when missing (or when force)."""
     path = Path(path) if path else checkpoint_path()
     if path.is_file() and not force:
         return path
@@ -181,9 +125,9 @@ def build(force=False, log=print, path: Path | None = None, **overrides) -> Path
 
     cfg = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
     t0, c0 = time.time(), time.process_time()
+    threads = threads or cpu_threads.choose(log=log, what="the toy-world build")
     torch.manual_seed(cfg["seed"])
-    base = random_models.random_checkpoint()
-    base_sd = safetensors.torch.load_file(str(base))
+    base_sd = safetensors.torch.load_file(str(random_models.random_checkpoint()))
     _, clip, _, _ = comfy.sd.load_state_dict_guess_config(dict(base_sd), output_vae=False, output_model=False)
     words = [*toy_world.COLOURS, *toy_world.SHAPES]
     clip_sd = distinct_vocabulary({k: v for k, v in base_sd.items() if k.startswith("cond_stage_model.")},
@@ -194,28 +138,25 @@ def build(force=False, log=print, path: Path | None = None, **overrides) -> Path
     unet = model.model.diffusion_model.float()
     _reinit(unet)
     log(f"toy world: training the UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M params), "
-        f"{cfg['steps']} steps of {cfg['batch']} frames")
-    vae_sd = {f"first_stage_model.{k}": v.half() for k, v in toy_vae.toy_vae_state_dict().items()}
-
-    def save(target, steps_done, losses):
-        sd = {**clip_sd, **vae_sd}
-        sd.update({f"model.diffusion_model.{k}": v.detach().half() for k, v in unet.state_dict().items()})
-        meta = {**cfg, "steps_done": steps_done, "version": VERSION, "frame_size": FRAME_SIZE,
-                "final_loss": sum(losses[-50:]) / len(losses[-50:]), "build_wall_s": round(time.time() - t0),
-                "build_cpu_s": round(time.process_time() - c0), "prompts": prompts(toy_world)}
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        safetensors.torch.save_file(sd, str(tmp), metadata={"tav_toy_world": json.dumps(meta)})
-        tmp.rename(target)
-        return meta
-
-    partial = path.with_name(path.stem + "_partial.safetensors")  # snapshots while training, for a look
-    losses = train_unet(unet, contexts, empty, toy_world, toy_vae, cfg["steps"], cfg["batch"], cfg["lr"],
-                        cfg["seed"], cfg["dropout"], log, (50, lambda n, ls: save(partial, n, ls)),
-                        cfg["object_weight"], cfg["min_snr"])
-    meta = save(path, cfg["steps"], losses)
-    partial.unlink(missing_ok=True)
-    log(f"toy world: built in {meta['build_wall_s']} s wall, {meta['build_cpu_s']} s CPU -> {path}")
+        f"{cfg['steps']} steps of {cfg['batch']} frames, {threads} thread(s) (same result on any count)")
+    state = path.with_name(path.stem + ".state.pt")
+    if force and not keep_state:
+        state.unlink(missing_ok=True)
+    losses = toy_train.train_unet(unet, contexts, empty, toy_world, toy_vae, cfg, FRAME_SIZE, threads, state,
+                                  save_every, log)
+    sd = {**clip_sd, **{f"first_stage_model.{k}": v.half() for k, v in toy_vae.toy_vae_state_dict().items()}}
+    sd.update({f"model.diffusion_model.{k}": v.detach().half() for k, v in unet.state_dict().items()})
+    meta = {**cfg, "version": VERSION, "frame_size": FRAME_SIZE, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+            "build_wall_s": round(time.time() - t0), "build_cpu_s": round(time.process_time() - c0),
+            "threads": threads, "prompts": prompts(toy_world)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    safetensors.torch.save_file(sd, str(tmp), metadata={"tav_toy_world": json.dumps(meta)})
+    tmp.replace(path)
+    if not keep_state:
+        state.unlink(missing_ok=True)
+    log(f"toy world: built in {meta['build_wall_s']} s wall, {meta['build_cpu_s']} s CPU (this process; "
+        f"load {cpu_threads.load():.1f}) -> {path}")
     return path
 
 
@@ -275,13 +216,19 @@ def main(argv=None) -> int:
     p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps when evaluating")
     p.add_argument("--eval-cfg", type=float, default=7.5, help="classifier-free guidance when evaluating")
     p.add_argument("--checkpoint", type=Path, help="evaluate this file instead of building")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: one per free core; the checkpoint is the "
+                   "same on any count)")
+    p.add_argument("--out", type=Path, help="build into this file instead of the cache")
+    p.add_argument("--save-every", type=int, default=50, help="steps between build-state saves (resume points)")
+    p.add_argument("--keep-state", action="store_true", help="keep the build state (fp32 weights) after the build")
     a = p.parse_args(argv)
-    if a.threads:
-        import torch
-        torch.set_num_threads(a.threads)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    path = a.checkpoint or build(a.force, log, **{k: getattr(a, k) for k in DEFAULTS})
+    threads = cpu_threads.choose(a.threads, log, "build_toy_world")
+    import torch
+
+    torch.set_num_threads(threads)  # evaluation; the build trains with one intra-op thread per worker
+    path = a.checkpoint or build(a.force, log, a.out, threads, a.save_every, a.keep_state,
+                                 **{k: getattr(a, k) for k in DEFAULTS})
     if a.evaluate:
         evaluate(path, a.evaluate, log, steps=a.eval_steps, cfg=a.eval_cfg)
     print(path)

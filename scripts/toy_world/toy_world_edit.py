@@ -29,7 +29,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 import build_toy_world  # noqa: E402
+import comfy_client  # noqa: E402
 import comfy_runtime  # noqa: E402
+import cpu_threads  # noqa: E402
+import edit_progress  # noqa: E402
+from edit_report import IDEAL, METHODS, paired, table  # noqa: E402,F401  (the score tables)
+import strip_png  # noqa: E402
 import workflow_substitute  # noqa: E402
 
 FRAMES, SIZE = 8, build_toy_world.FRAME_SIZE
@@ -56,12 +61,6 @@ UNSEEN_EDITS = [
     (("yellow", "bar", "drop"), ["a blue bar", "a yellow circle", "a green ring"]),
 ]
 SCORE_FILES = {"held_out": "scores.json", "fresh": "scores_fresh.json", "unseen": "scores_unseen.json"}
-METHODS = {"tune_a_video": "Tune-A-Video (toy settings, feature injection)",
-           "no_injection": "Tune-A-Video, no feature injection (same tuned model)",
-           "no_inversion": "Tune-A-Video, random start noise", "per_frame": "untuned, unpatched, per-frame inversion"}
-IDEAL = "a perfect edit through the VAE (the floor; no model)"
-
-
 def edit_graph(clip_dir: str, ckpt: str, source_prompt: str, edited: str, a) -> dict:
     """The shipped workflow with the toy settings, plus both baselines and a SaveImage per method."""
     p = workflow_substitute.substitute(json.loads(WORKFLOW.read_text()), video=clip_dir, positive=edited,
@@ -138,7 +137,8 @@ def edit_once(server, a, ckpt_name: str, source, clip_dir: str, colour: str, sha
     """One edit graph on the server; returns (scores per method + paths, decoded clips per method)."""
     toy_world = build_toy_world.load_pack_modules()[0]
     t0 = time.time()
-    entry = server.run_ok(edit_graph(clip_dir, ckpt_name, toy_world.prompt(colour, shape), edited, a), timeout=7200)
+    graph = edit_graph(clip_dir, ckpt_name, toy_world.prompt(colour, shape), edited, a)
+    entry = comfy_client.run_prompt(server, graph, 7200, edit_progress.PhaseProgress(graph, label=f"{edited}: "))
     results = {"source": toy_world.prompt(colour, shape), "trajectory": kind, "edited": edited,
                "wall_s": round(time.time() - t0)}
     clips = {"source": source}
@@ -173,28 +173,36 @@ def ideal_scores(source, kind: str, edited: str) -> dict:
 
 
 def run(a) -> list[dict]:
-    toy_world, _ = build_toy_world.load_pack_modules()
-    from PIL import Image
+    """Every edit of the chosen set (one with --demo) on a server it starts; scores JSON and strips in a.out."""
+    import os
 
-    ckpt = Path(a.checkpoint) if a.checkpoint else build_toy_world.build(log=lambda s: print(s, file=sys.stderr))
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    threads = cpu_threads.choose(a.threads, log, "toy_world_edit")
+    ckpt = Path(a.checkpoint) if a.checkpoint else build_toy_world.build(log=log, threads=threads)
     named = {"held_out": EDITS, "fresh": FRESH_EDITS, "unseen": UNSEEN_EDITS}
     edits = [(EDITS[0][0], [a.prompt or EDITS[0][1][0]])] if a.demo else named[a.edits]
     scores = a.out / ("demo_scores.json" if a.demo else SCORE_FILES[a.edits])
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the server's torch threads (it inherits the environment)
     server = comfy_runtime.ComfyServer(a.base_dir, checkpoints=[ckpt],
                                        extra_args=["--deterministic", "--use-pytorch-cross-attention"])
     rows = []
+    log(f"toy_world_edit: starting ComfyUI ({threads} thread(s)); its log: {server.log_path}")
     with server:
         for (colour, shape, kind), targets in edits:
             source, clip_dir = write_clip(a.base_dir, colour, shape, kind)
             for edited in targets:
                 results, clips = edit_once(server, a, ckpt.name, source, clip_dir, colour, shape, kind, edited)
-                rows.append(results)
-                scores.write_text(json.dumps(rows, indent=1))
-                strip = toy_world.strip([clips[k] for k in ("source", *METHODS) if k in clips])[0]
-                results["strip"] = str(a.out / f"{clip_dir}__{edited.replace(' ', '_')}.png")
-                Image.fromarray((strip * 255).round().byte().numpy()).save(results["strip"])
-                print(summary_line(results), file=sys.stderr, flush=True)
+                record(rows, results, clips, scores, a.out / f"{clip_dir}__{edited.replace(' ', '_')}.png")
+                log(summary_line(results))
     return rows
+
+
+def record(rows: list, results: dict, clips: dict, scores: Path, strip: Path):
+    """Save the edit's labelled strip (rows: source, then each method), then append the results (with the
+    strip's path) to rows and write all rows to the scores JSON."""
+    results["strip"] = strip_png.save_strip({k: clips[k] for k in ("source", *METHODS) if k in clips}, strip)
+    rows.append(results)
+    scores.write_text(json.dumps(rows, indent=1))
 
 
 def summary_line(r) -> str:
@@ -202,40 +210,6 @@ def summary_line(r) -> str:
     return (f"{r['source']} ({r['trajectory']}) -> {r['edited']}: edit accuracy {s['edit_accuracy']:.2f}, "
             f"motion error {s['motion_error_px']:.1f} px, background kept {s['background_kept']:.2f}"
             + (f"; video {r['video']}" if r.get("video") else ""))
-
-
-def edit_kind(r) -> str:
-    (c0, s0), (c1, s1) = (build_toy_world.load_pack_modules()[0].parse_prompt(r[k]) for k in ("source", "edited"))
-    return "colour" if s0 == s1 else "shape" if c0 == c1 else "both"
-
-
-def table(rows) -> str:
-    """Markdown: mean scores per method over all edits, and over colour-only / shape-changing edits."""
-    keys = ("edit_accuracy", "colour_accuracy", "shape_accuracy", "motion_error_px", "colour_spread",
-            "size_spread", "background_kept")
-    lines = ["| method | edits | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    groups = {"all": rows, "colour only": [r for r in rows if edit_kind(r) == "colour"],
-              "shape changed": [r for r in rows if edit_kind(r) != "colour"]}
-    for method, label in {**METHODS, "ideal": IDEAL}.items():
-        if method not in rows[0]:
-            continue
-        for group, rs in groups.items():
-            if rs and (group == "all" or len(rs) < len(rows)):
-                means = [sum(r[method][k] for r in rs) / len(rs) for k in keys]
-                lines.append(f"| {label} | {group} ({len(rs)}) | " + " | ".join(f"{m:.3f}" for m in means) + " |")
-    return "\n".join(lines)
-
-
-def paired(rows, method="tune_a_video", baseline="per_frame") -> str:
-    """Consistency edit by edit: method minus baseline spread (mean, median, how often the method's is lower)."""
-    lines = []
-    for key in ("colour_spread", "size_spread"):
-        d = sorted(r[method][key] - r[baseline][key] for r in rows if method in r and baseline in r)
-        if d:
-            median = (d[(len(d) - 1) // 2] + d[len(d) // 2]) / 2
-            lines.append(f"{key}, {method} minus {baseline}, per edit: mean {sum(d) / len(d):+.4f}, median "
-                         f"{median:+.4f}, lower in {sum(x < 0 for x in d)} of {len(d)}")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -265,6 +239,7 @@ def main(argv=None) -> int:
     p.add_argument("--injection-block", type=int, default=2,
                    help="the decoder block injected (this UNet has 4; Plug-and-Play's 4 is for SD1.5's 12)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads for the build and the server (default: one per free core)")
     p.add_argument("--base-dir", type=Path, default=comfy_runtime.PACK_DIR / "out" / "toy_world" / "comfy")
     a = p.parse_args(argv)
     if not 0.05 <= a.strength <= 1.0:
