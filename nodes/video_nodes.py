@@ -87,7 +87,7 @@ class TuneAVideoSaveVideo:
                 "Playback rate. Connect Load Frames' fps to keep the source speed."}),
             "format": (list(video_encode.SAVE_FORMATS), {"default": "mp4", "tooltip":
                 "mp4: h264, small, plays everywhere (odd sizes lose a last row/column). gif: 256 "
-                "colours. webp: animated, good quality."}),
+                "colours, at most 50 fps (frame times in 1/100 s). webp: animated, good quality."}),
             "filename_prefix": ("STRING", {"default": "TuneAVideo/clip", "tooltip":
                 "File name start inside the output folder, may include a subfolder "
                 "(TuneAVideo/clip). A counter is appended: clip_00001_.mp4."}),

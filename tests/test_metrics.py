@@ -108,6 +108,22 @@ def test_text_alignment_node_on_the_checkpoint_clip(nodes, tiny_clip_vision, ran
     assert plot.shape == (1, 96, 256, 3)
 
 
+def test_a_clip_vision_model_returning_nan_is_a_clear_error(nodes, tiny_clip_vision, one_thread):
+    """Finite frames, but a damaged model: the node names clip_vision instead of returning a NaN score."""
+    sd = {k: v.clone() for k, v in tiny_clip_vision.get_sd().items()}  # get_sd gives the live tensors
+    broken = {k: v.clone() for k, v in sd.items()}
+    key = next(k for k, v in broken.items() if k.endswith("post_layernorm.weight"))
+    broken[key][0] = float("nan")
+    tiny_clip_vision.load_sd(broken)
+    try:
+        with pytest.raises(ValueError, match="clip_vision returned NaN"):
+            nodes.TuneAVideoCLIPFrameConsistency().score(tiny_clip_vision, _frames(4), "all")
+    finally:
+        tiny_clip_vision.load_sd(sd)
+    score, _ = nodes.TuneAVideoCLIPFrameConsistency().score(tiny_clip_vision, _frames(4), "all")
+    assert math.isfinite(score)
+
+
 def test_toy_world_score_node_exact_values(nodes):
     tw = tavlib.pack_module("sampling.toy_world")
     source = tw.render_clip("red", "circle", "left_to_right", 8, 96)
