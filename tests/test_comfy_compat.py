@@ -292,6 +292,19 @@ def test_stacked_declining_overrides_leave_the_result_alone(tav_base, order):
     assert declined and (order != "backend_override_tav" or len(calls) == len(declined))
 
 
+def test_core_model_attention_backend_node_before_and_after_apply_attention(tav_base):
+    """The real node where this ComfyUI has it (0.33.0 and newer; 0.3.75: the reproduction above covers it)."""
+    advanced = pytest.importorskip("comfy_extras.nodes_model_advanced")
+    if not hasattr(advanced, "ModelAttentionBackend"):
+        pytest.skip("no Model Attention Backend node in this ComfyUI (added after 0.3.75)")
+    base, config, x, plain = tav_base
+    node = advanced.ModelAttentionBackend()
+    for model in (tav(node.patch(base, "pytorch attention")[0], config),
+                  node.patch(tav(base, config), "pytorch attention")[0]):
+        assert "optimized_attention_override" in model.model_options["transformer_options"]
+        assert close(tavlib.predict(model, x, contexts=CONDS), plain) <= 1e-5
+
+
 def test_attn1_replace_takes_tensors_out_of_attention_containers(tav_base):
     """0.33+ has AttentionTensorContainer (single-owner q/k/v; core's CrossAttention passes them to
     optimized_attention since 0.40). Should a replace patch get them, the result is the same."""
