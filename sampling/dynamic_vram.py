@@ -13,7 +13,9 @@ public method core's sampler itself switches to when dynamic VRAM lacks a featur
 trainer (TrainLoraNode: `clone(force_deepcopy=True)`), the run then owns a fresh copy of the checkpoint's
 weights, loaded once more by the loader that made the model. Where there is no delegate (a model from a
 custom loader) training stays on the dynamic patcher, and `check_wrappers_applied` turns the silent case
-into an error naming the layer and the way out. Capabilities are detected, never versions.
+into an error naming the layer and the way out. `check_gradients` (after the first step) catches the same from
+any other cause, e.g. a Linear forward that no longer runs weight wrappers (ComfyUI 0.40's reworked Linear
+forward, PR #16816, could not be read). Capabilities are detected, never versions.
 """
 from __future__ import annotations
 
@@ -57,6 +59,17 @@ def check_wrappers_applied(model, wrapped, node: str = "Tune-A-Video One-Shot Tu
             f"{node}: ComfyUI loaded {len(missing)} trained layers without their training hook (e.g. "
             f"{missing[0]}); this happens under dynamic VRAM for small layers. Start ComfyUI with "
             "--disable-dynamic-vram to tune.")
+
+
+def check_gradients(params: dict, node: str = "Tune-A-Video One-Shot Tune"):
+    """RuntimeError naming the trained tensors that got no gradient in a training step: their layers ran
+    without the weight wrappers (a loader that dropped them, a fused forward that skips them)."""
+    missing = [name for name, p in params.items() if p.grad is None]
+    if missing:
+        raise RuntimeError(
+            f"{node}: {len(missing)} of {len(params)} trained tensors got no gradient (e.g. {missing[0]}): this "
+            "ComfyUI ran those layers without their training hooks, so they would not learn. Start ComfyUI with "
+            "--disable-dynamic-vram; if that does not help, this ComfyUI version is not supported for tuning yet.")
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
 from ..attention_patches.unet_patch import apply_tav, get_tav_patch, unet_of
 from .adapters import PREFIX
-from .dynamic_vram import check_wrappers_applied, in_training, is_dynamic, training_patcher
+from .dynamic_vram import check_gradients, check_wrappers_applied, in_training, is_dynamic, training_patcher
 from .low_rank import DOWN, UP, LowRankDelta, factor_tensors, is_lora_key, module_key, new_factors
 from .tuning_objective import run_tuning
 
@@ -149,6 +149,13 @@ class _TuningSampler(comfy.samplers.Sampler):
         return latent_image
 
 
+def _after_step(callback, step, loss, params):
+    if step == 0:  # a layer that skipped its weight wrapper leaves its trained tensor without a gradient
+        check_gradients(params)
+    if callback is not None:
+        callback(step, loss, params)
+
+
 class TuningRun:
     """A training clone of a TAV-patched model and its trainable tensors. close() unloads it and removes
     every trace from the shared module tree.
@@ -232,7 +239,8 @@ class TuningRun:
         autocast = None if self.compute_dtype == torch.float32 else self.compute_dtype
         sampler = _TuningSampler(params=self.params, steps=steps, learning_rate=learning_rate, seed=seed,
                                  autocast_dtype=autocast, grad_scaling=self.compute_dtype == torch.float16,
-                                 callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, **loop_args)
+                                 callback=functools.partial(_after_step, callback),
+                                 disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, **loop_args)
         guider = comfy.samplers.CFGGuider(self.model)
         guider.inner_set_conds({"positive": positive})
         guider.set_cfg(1.0)

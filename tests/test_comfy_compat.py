@@ -433,3 +433,14 @@ def test_temporal_attention_stays_on_a_classic_patcher_under_a_dynamic_model():
     model = up.apply_tav(as_patcher(DynamicLikePatcher), up.TAVConfig(temporal_attention=True))
     extra = model.get_nested_additional_models()
     assert extra and not any(getattr(m, "is_dynamic", lambda: False)() for m in extra)
+
+
+def test_a_linear_forward_that_skips_weight_wrappers_is_a_clear_error(monkeypatch):
+    """PR #16816 (0.40) reworked Linear's forward and could not be read: should a Linear stop running its weight
+    wrappers, the trained query deltas get no gradient and the run says so after its first step."""
+    def fused_forward(self, input):  # casts the weight like core, runs no weight function
+        bias = None if self.bias is None else self.bias.to(input, copy=True)
+        return torch.nn.functional.linear(input, self.weight.to(input, copy=True), bias)
+    monkeypatch.setattr(comfy.ops.disable_weight_init.Linear, "forward_comfy_cast_weights", fused_forward)
+    with pytest.raises(RuntimeError, match="trained tensors got no gradient .*attn1.to_q"):
+        tune(fresh_base(), steps=1)
