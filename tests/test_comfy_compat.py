@@ -4,6 +4,10 @@ reproduced here on 0.3.75 / 0.33.0 with ComfyUI's own classes, and the pack is r
 - the temporal attention's keys are frozen (adapters, the official import) and owe nothing to core's
   CrossAttention, which gains a `comfy_attention` child with a saved config in 0.40;
 - ComfyUI's Linear defers its tensors while dynamic VRAM is on (0.33+ on GPUs);
+- attention backends (Model Attention Backend) and overrides stacked on top of each other (0.40's sparse
+  attention node) before or after Apply Attention; q/k/v in attention tensor containers;
+- patcher classes whose __init__ takes fast_disk (0.40); dynamic-VRAM patchers (loads that drop the weight
+  wrappers of small layers, a classic delegate); a Linear forward that skips weight wrappers.
 """
 import sys
 
