@@ -1,6 +1,7 @@
 """Packaging: honest requirements (what the nodes import is what requirements.txt and pyproject declare),
 short files and the floors of the layout."""
 import ast
+import json
 import re
 import sys
 import tomllib
@@ -60,7 +61,7 @@ FLOORS = ("nodes", "sampling", "attention_patches")  # each may import only the 
 
 
 def test_no_python_file_outside_tests_exceeds_300_lines():
-    """One concept per short file (the README's Architecture section); tests are exempt."""
+    """One concept per short file (docs/architecture.md); tests are exempt."""
     files = [PACK / "__init__.py", *(p for d in (*FLOORS, "scripts") for p in (PACK / d).rglob("*.py"))]
     long = {str(p.relative_to(PACK)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert len(files) > 20 and long == {}, f"files over {MAX_LINES} lines: {long}"
@@ -127,3 +128,56 @@ def test_scripts_import_graph_has_no_cycle():
     for name in sorted(graph):
         visit(name, [])
     assert cycles == [], f"import cycles in scripts/: {cycles}"
+
+
+# --- what ComfyUI serves besides the nodes: help pages (WEB_DIRECTORY/docs) and templates (workflows/) ---
+
+def _pack():
+    return comfy_runtime.load_pack()
+
+
+def test_every_node_has_a_help_page_naming_each_input():
+    """web/docs/<NodeClass>.md is the node's page in the frontend's documentation panel; it must cover
+    every input the node has (a new input without a line there fails here)."""
+    pack = _pack()
+    docs = PACK / pack.WEB_DIRECTORY / "docs"
+    assert pack.WEB_DIRECTORY == "./web" and docs.is_dir()
+    gaps = {}
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        page = docs / f"{name}.md"
+        if not page.is_file():
+            gaps[name] = "no page"
+            continue
+        text = page.read_text()
+        spec = cls.INPUT_TYPES()
+        inputs = [k for section in ("required", "optional") for k in spec.get(section, {})]
+        missing = [k for k in inputs if f"`{k}`" not in text]
+        if missing or not text.startswith("# "):
+            gaps[name] = missing or "no title"
+    assert len(pack.NODE_CLASS_MAPPINGS) >= 12 and gaps == {}, f"help pages missing or incomplete: {gaps}"
+    pages = {p.stem for p in docs.glob("*.md")}
+    assert pages == set(pack.NODE_CLASS_MAPPINGS), f"pages for no node: {sorted(pages - set(pack.NODE_CLASS_MAPPINGS))}"
+
+
+def test_help_page_images_exist_next_to_the_pages():
+    """The frontend resolves a relative image against /extensions/<pack>/docs/, i.e. web/docs/."""
+    docs = PACK / "web" / "docs"
+    images = {(page.name, m) for page in docs.glob("*.md") for m in re.findall(r"!\[[^\]]*\]\(([^)\s]+)", page.read_text())}
+    assert images, "no help page shows a picture"
+    bad = [(page, src) for page, src in images if src.startswith(("/", "http")) or not (docs / src).is_file()]
+    assert bad == [], f"images that do not resolve inside web/docs: {bad}"
+
+
+def test_workflows_folder_holds_only_ui_graphs_each_with_a_thumbnail():
+    """ComfyUI lists every *.json directly in workflows/ as a template (app/custom_node_manager.py);
+    API-format graphs live in workflows/api/. The frontend shows <name>.jpg as a custom template's card."""
+    top = sorted((PACK / "workflows").glob("*.json"))
+    assert {p.name for p in top} == {"tav_text_to_video.json", "tav_tune_and_edit.json", "tav_video_edit.json"}
+    for path in top:
+        graph = json.loads(path.read_text())
+        assert isinstance(graph.get("nodes"), list) and "links" in graph, f"{path.name} is not a UI graph"
+        thumb = path.with_suffix(".jpg")
+        assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name}: no JPEG thumbnail"
+    for path in (PACK / "workflows" / "api").glob("*.json"):
+        graph = json.loads(path.read_text())
+        assert all("class_type" in node for node in graph.values()), f"{path.name} is not an API graph"
