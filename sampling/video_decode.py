@@ -200,8 +200,9 @@ def load_frames_from_video(video, frame_load_cap=24, skip_first_frames=0, select
                            width=512, height=512, label="video_input") -> LoadedClip:
     """The same sampling for ComfyUI's VIDEO type: file-backed videos are streamed; videos built
     from components (CreateVideo) are already in memory and are indexed."""
-    from comfy_api.input_impl import VideoFromFile
+    from .video_encode import core_video_api
 
+    VideoFromFile = core_video_api()[1]
     if isinstance(video, VideoFromFile):
         return _load(partial(_open_av, video.get_stream_source()), label, frame_load_cap,
                      skip_first_frames, select_every_nth, width, height)

@@ -100,21 +100,31 @@ def encode_clip(images: torch.Tensor, path, fmt: str, fps: float, metadata: dict
     first.save(str(path), format=fmt.upper(), save_all=True, append_images=rest, loop=0, **options)
 
 
-def core_video_type() -> bool:
-    """Whether this ComfyUI has the core VIDEO type (comfy_api VideoFromComponents)."""
+def core_video_api():
+    """(VideoFromComponents, VideoFromFile, VideoComponents) from ComfyUI's pinned API version
+    (comfy_api.v0_0_2, which maintainers recommend over `latest`), else from the older module paths
+    (now compatibility re-exports); None where this ComfyUI has no core VIDEO type."""
     try:
-        from comfy_api.input_impl import VideoFromComponents  # noqa: F401
-        from comfy_api.util import VideoComponents  # noqa: F401
+        from comfy_api.v0_0_2 import InputImpl, Types
+        return InputImpl.VideoFromComponents, InputImpl.VideoFromFile, Types.VideoComponents
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from comfy_api.input_impl import VideoFromComponents, VideoFromFile
+        from comfy_api.util import VideoComponents
     except ImportError:
-        return False
-    return True
+        return None
+    return VideoFromComponents, VideoFromFile, VideoComponents
+
+
+def core_video_type() -> bool:
+    """Whether this ComfyUI has the core VIDEO type."""
+    return core_video_api() is not None
 
 
 def as_video(images: torch.Tensor, fps: float):
     """IMAGE frames as a core VIDEO (in memory: the frames themselves, not a re-decoded file)."""
-    from comfy_api.input_impl import VideoFromComponents
-    from comfy_api.util import VideoComponents
-
+    VideoFromComponents, _, VideoComponents = core_video_api()
     return VideoFromComponents(VideoComponents(images=images, frame_rate=Fraction(round(fps * 1000), 1000)))
 
 
