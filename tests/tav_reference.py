@@ -26,17 +26,26 @@ def official_scheduler() -> DDIMScheduler:
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def diffusers_unet(ldm_unet_state: dict, unet_config: dict) -> UNet2DConditionModel:
-    """diffusers' UNet from an LDM-named UNet state dict (ComfyUI's diffusion_model keys), converted by diffusers."""
+def diffusers_unet(ldm_unet_state: dict, unet_config: dict, share: bool = False) -> UNet2DConditionModel:
+    """diffusers' UNet from an LDM-named UNet state dict (ComfyUI's diffusion_model keys), converted by diffusers.
+    share=True: the UNet's parameters ARE the given fp32 tensors where the conversion keeps them (no copy: full-size
+    UNets twice in memory are too big for CI); replace, never modify in place, a parameter to change it."""
     depth = unet_config["transformer_depth"]
+    per_level = unet_config["num_res_blocks"][0]
+    if len(depth) == per_level * len(unet_config["channel_mult"]):  # ComfyUI's detected configs: per res block
+        depth = depth[::per_level]
     params = {
         "in_channels": unet_config["in_channels"], "out_channels": unet_config["out_channels"],
         "model_channels": unet_config["model_channels"], "channel_mult": unet_config["channel_mult"],
-        "num_res_blocks": unet_config["num_res_blocks"][0], "num_heads": unet_config["num_heads"],
+        "num_res_blocks": unet_config["num_res_blocks"][0],
         "attention_resolutions": [2 ** i for i, d in enumerate(depth) if d > 0],
         "transformer_depth": max(depth), "context_dim": unet_config["context_dim"],
         "use_linear_in_transformer": unet_config["use_linear_in_transformer"],
     }
+    if unet_config.get("num_heads", -1) > 0:
+        params["num_heads"] = unet_config["num_heads"]
+    else:  # SD2 / SDXL: a fixed head size, heads per level follow the width
+        params["num_head_channels"] = unet_config["num_head_channels"]
     if unet_config.get("adm_in_channels"):
         params.update(num_classes="sequential", adm_in_channels=unet_config["adm_in_channels"])
     original = {"model": {"params": {"unet_config": {"params": params},
@@ -44,6 +53,11 @@ def diffusers_unet(ldm_unet_state: dict, unet_config: dict) -> UNet2DConditionMo
     checkpoint = {"model.diffusion_model." + k: v.float() for k, v in ldm_unet_state.items()}
     config = create_unet_diffusers_config_from_ldm(original, checkpoint)
     config["transformer_layers_per_block"] = [max(d, 1) for d in depth]
+    if share:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**config)
+        unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, config), assign=True)
+        return unet.eval()
     unet = UNet2DConditionModel(**config)
     unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, config))
     return unet.eval()
