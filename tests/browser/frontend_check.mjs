@@ -5,7 +5,9 @@
 // CONFIG: {url, chromium, node_prefix (where playwright-core is installed), artifacts (folder for
 // screenshots), result (path of the JSON result), nodes: [{type, display_name, category}],
 // workflows: [{name, graph}], run: {name, graph, widgets: [[node type, widget name, value], ...],
-// output_type, timeout_ms} | null}.
+// output_type, timeout_ms} | null, help: {type, text, image} | null (a node whose help page must show
+// `text` and the picture `image`), templates: {module, names} | null (the pack's templates, opened from
+// the Templates browser)}.
 //
 // Every phase records what it saw (and any error) in the result; the pytest test judges it. The script
 // exits non-zero only when it cannot produce a result at all.
@@ -374,6 +376,146 @@ try {
       mark('preview');
       return out;
     });
+  }
+
+  // --- one node's help page in the frontend's node documentation panel ---
+  // A user selects the node on the canvas and presses the selection toolbox's info button; the frontend
+  // fetches /extensions/<pack>/docs/<Node>.md and renders it (1.3x: the Node Library sidebar; 1.4x: the
+  // right side panel). Its text and its picture (relative to the docs folder) must appear.
+  if (config.help) {
+    const help = config.help;
+    await phase('node_help', async () => {
+      await page.evaluate(() => window.app.extensionManager.setting.set('Comfy.Canvas.SelectionToolbox', true))
+        .catch(() => {});
+      const helpRequests = [];
+      const onRequest = (r) => { if (r.url().includes('/docs/')) helpRequests.push(new URL(r.url()).pathname); };
+      page.on('request', onRequest);
+      await page.evaluate((type) => {
+        window.app.graph.clear();
+        const node = window.LiteGraph.createNode(type);
+        node.pos = [100, 100];
+        window.app.graph.add(node);
+        window.app.canvas.selectNode(node);
+        window.app.canvas.setDirty(true, true);
+      }, help.type);
+      await fitView();
+      const info = page.locator('[data-testid="info-button"]:visible').first();
+      try {
+        await info.waitFor({ state: 'visible', timeout: 5000 });
+      } catch {
+        // select it with the mouse, as a user would: a click on the node's title bar
+        const at = await page.evaluate(() => {
+          const node = window.app.graph.nodes[0];
+          const rect = window.app.canvas.canvas.getBoundingClientRect();
+          const [x, y] = window.app.canvas.ds.convertOffsetToCanvas([node.pos[0] + 40, node.pos[1] - 15]);
+          return [rect.left + x, rect.top + y];
+        });
+        await page.mouse.click(at[0], at[1]);
+        await info.waitFor({ state: 'visible', timeout: 10000 });
+      }
+      await info.click();
+      await page.waitForFunction((text) => document.body.innerText.replace(/\s+/g, ' ').includes(text),
+        help.text, { timeout: 20000 });
+      await page.waitForFunction((image) => [...document.querySelectorAll('img')]
+        .some((i) => i.getAttribute('src')?.endsWith(`/docs/${image}`) && i.complete && i.naturalWidth > 0),
+      help.image, { timeout: 15000 }).catch(() => {});
+      const shown = await page.evaluate(([text, image]) => {
+        const norm = (t) => t.replace(/\s+/g, ' ');
+        // the innermost visible element holding the text: where the page was rendered
+        const holders = [...document.querySelectorAll('body *')]
+          .filter((el) => el.getClientRects().length && norm(el.innerText || '').includes(text));
+        const holder = holders[holders.length - 1];
+        const panel = holder?.closest('.p-tree, [class*="sidebar"], [class*="panel"], aside, [role="dialog"]') ?? holder;
+        return {
+          text_visible: !!holder,
+          panel_text: panel ? norm(panel.innerText).slice(0, 1500) : null,
+          images: [...document.querySelectorAll('img')].filter((i) => i.getAttribute('src')?.includes('/docs/'))
+            .map((i) => ({ src: i.getAttribute('src'), width: i.naturalWidth, visible: i.getClientRects().length > 0 })),
+        };
+      }, [help.text, help.image]);
+      page.off('request', onRequest);
+      await page.screenshot({ path: shotPath('05_node_help') });
+      await page.keyboard.press('Escape');
+      mark('node_help');
+      return { ...shown, requests: helpRequests };
+    });
+  }
+
+  // --- the pack's templates, each opened from the Templates browser like a user does ---
+  // The browser's navigation lists each custom node pack under "Extensions" by its folder name; its
+  // cards ([data-testid=template-workflow-<name>]) fetch the thumbnail from
+  // /api/workflow_templates/<module>/<name>.jpg and show it as a blob: URL.
+  if (config.templates) {
+    const { module, names } = config.templates;
+    const thumbResponses = {};
+    page.on('response', (r) => {
+      const m = new URL(r.url()).pathname.match(/\/workflow_templates\/([^/]+)\/([^/]+)\.jpg$/);
+      if (m && decodeURIComponent(m[1]) === module) thumbResponses[decodeURIComponent(m[2])] = r.status();
+    });
+    const card = (name) => page.locator(`[data-testid="template-workflow-${name}"]`).first();
+    const openPackTemplates = async () => {
+      await page.evaluate(() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates'));
+      const search = page.locator('input[placeholder^="Search"]:visible').first();
+      await search.waitFor({ state: 'visible', timeout: 20000 });
+      await search.fill('');
+      await page.waitForTimeout(500);  // the dialog's opening transition
+      // reopened, the browser may still show the pack's entry: its cards are then in view already
+      if (await card(names[0]).isVisible()) return;
+      const entry = page.locator(`[role="dialog"] :text-is(${JSON.stringify(module)}):visible`).first();
+      if (!(await entry.count())) {  // the Extensions group may start collapsed
+        await page.locator('[role="dialog"] :text-is("Extensions"):visible').first().click({ timeout: 10000 });
+      }
+      // a DOM click: under load the dialog's transitions keep Playwright's "stable" check waiting
+      await entry.waitFor({ state: 'visible', timeout: 10000 });
+      await entry.evaluate((el) => { el.scrollIntoView({ block: 'center' }); el.click(); });
+      await card(names[0]).waitFor({ state: 'visible', timeout: 15000 });
+    };
+    result.templates = {};
+    await phase('templates_browser', async () => {
+      await page.evaluate(() => window.app.graph.clear());
+      await openPackTemplates();
+      await page.waitForFunction((names) => names.every((n) => [...document.querySelectorAll(
+        `[data-testid="template-workflow-${n}"] img`)].some((i) => i.complete && i.naturalWidth > 0)),
+      names, { timeout: 20000 }).catch(() => {});
+      const cards = await page.evaluate(() => [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
+        .filter((el) => el.getClientRects().length)
+        .map((el) => ({ name: el.dataset.testid.replace('template-workflow-', ''),
+          images: [...el.querySelectorAll('img')].map((i) => ({ src: (i.getAttribute('src') || '').slice(0, 120),
+            width: i.naturalWidth, height: i.naturalHeight })) })));
+      await page.screenshot({ path: shotPath('06_templates') });
+      // a click on the first card opens it (the dialog closes, the graph is the template's)
+      await card(names[0]).evaluate((el) => el.click());
+      await page.waitForFunction(() => window.app.graph.nodes.length > 0, null, { timeout: 30000 });
+      await card(names[0]).waitFor({ state: 'hidden', timeout: 10000 }).catch(() => {});
+      await page.waitForTimeout(800);  // the missing-nodes dialog opens after the graph is configured
+      const clicked = { name: names[0], dialogs: await dialogs(), notices: await notices(), ...(await inspectGraph()) };
+      await page.screenshot({ path: shotPath(`06_template_${names[0]}_clicked`) });
+      await closeDialogs();
+      mark('templates_browser');
+      return { cards, thumbnail_status: thumbResponses, clicked };
+    });
+    // every template the way the browser loads a custom node's template: its listing, its file, the canvas
+    // (reopening the browser for each would redraw all its core cards: minutes on a loaded machine)
+    for (const name of names) {
+      result.templates[name] = await phase(`template:${name}`, async () => {
+        const listed = await page.evaluate(async ([module, name]) => {
+          window.app.graph.clear();
+          const listing = await (await window.app.api.fetchApi('/workflow_templates')).json();
+          const graph = await (await window.app.api.fetchApi(`/workflow_templates/${module}/${name}.json`)).json();
+          await window.app.loadGraphData(graph, true, true, name);
+          return listing[module] ?? null;
+        }, [module, name]);
+        await page.waitForTimeout(800);  // the missing-nodes dialog opens after the graph is configured
+        const seen = await dialogs();
+        const shown = await notices();
+        const graph = await inspectGraph();
+        await fitView();
+        await page.screenshot({ path: shotPath(`06_template_${name}`) });
+        await closeDialogs();
+        mark(`template:${name}`);
+        return { listed, dialogs: seen, notices: shown, ...graph };
+      });
+    }
   }
 } catch (e) {
   result.fatal = String(e && e.stack || e).slice(0, 3000);
