@@ -4,8 +4,9 @@ full SD1.5), this pack against the official code, in one run; each measurement i
 
 On a 2-core CPU a 24 x 512^2 step (~80 TFLOP) takes hours, so the step is measured at several small clips
 (frames F x latent side S) and extrapolated with a stated fit, checked on a point left out of it:
-  FLOPs = a F S^2 + b F S^4 + c F^2 S^2   (convolutions/linear layers; spatial attention; temporal attention),
-          exact for a UNet, fitted on the --flop-points, the last point held out;
+  FLOPs = a F + b F S^2 + c F S^4 + d F^2 S^2   (per frame: the text keys/values of cross-attention, the time
+          embedding; convolutions/linear layers; spatial attention; temporal attention), exact for a UNet (one
+          timestep per clip), fitted on the --flop-points, the last point held out;
   memory above the weights = m0 + m1 F S^2  (fused attention keeps no S^4 workspace), per phase, fitted on
           the --points, the last point held out.
 Sampling: one guided call (cond + uncond batched, 2F images) measured the same way; Invert 50 (one F-image
@@ -75,7 +76,7 @@ def fit(rows, basis, value):
 
 
 def flop_basis(f, s):
-    return [f * s * s, f * s ** 4, f * f * s * s]
+    return [f, f * s * s, f * s ** 4, f * f * s * s]
 
 
 def mem_basis(f, s):
@@ -139,7 +140,7 @@ def main(argv=None):
     ap.add_argument("--cases", nargs="+", default=["tune", "sample"])
     ap.add_argument("--points", nargs="+", default=["2x16", "4x16", "2x32", "4x32"],
                     help="FxS clips for the memory fit (S = latent side; the last one held out)")
-    ap.add_argument("--flop-points", nargs="+", default=["2x8", "4x8", "2x16", "4x16"])
+    ap.add_argument("--flop-points", nargs="+", default=["2x8", "4x8", "2x16", "2x24", "4x16"])
     ap.add_argument("--target", nargs="+", default=["24x64", "8x64"])
     ap.add_argument("--autocast", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--unet-dtype", default="bf16", choices=["fp16", "bf16"],
