@@ -17,3 +17,10 @@ case " $* " in
   *" --dry-run "*) ;;  # the CPU has no dynamic VRAM (the check's own --dry-run keeps it working)
   *) "$PY" scripts/benchmarks/dynamic_vram_check.py ;;
 esac
+# SDXL that fits a 24 GB card (issue 26): one tune of full-size random SDXL at 16 x 1024^2 with the compact
+# setting (temporal_width 128, query_rank 16): peak VRAM next to the CPU prediction in docs/real-size.md.
+case " $* " in
+  *" --dry-run "*) ;;  # full-size SDXL on a CPU needs GBs and minutes
+  *) "$PY" scripts/benchmarks/benchmark_sdxl_fit.py --device cuda --parts params measure --families sdxl \
+       --settings compact --sizes 16x128 ;;
+esac
