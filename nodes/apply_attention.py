@@ -43,7 +43,7 @@ class TuneAVideoApplyAttention:
                 "Past Tune-A-Video (off = the paper): tell the temporal attention each frame's index (a sinusoidal "
                 "encoding, as AnimateDiff's motion modules use). The official layer sees no frame order, so tuned "
                 "on one clip it can pull every frame's object toward the clip's path as a whole. On the toy world "
-                "it helped on one set of edits and not on two others (README). Tune with the same setting you "
+                "it helped on one set of edits and not on two others (docs/toy-world.md). Tune with the same setting you "
                 "sample with (adapters record it; Load Adapter applies the file's value)."}),
             "temporal_width": ("INT", {"default": 0, "min": 0, "max": MAX_TEMPORAL_WIDTH, "step": TEMPORAL_HEAD_WIDTH,
                                        "tooltip":
