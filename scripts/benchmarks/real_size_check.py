@@ -158,12 +158,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", nargs="+", default=["sd15", "sdxl"])
     ap.add_argument("--frames", type=int, default=2)
+    ap.add_argument("--bf16-unet", action="store_true", help="the server keeps UNets in bf16 (CPU default: fp32)")
     args = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="tav_real_size_"))
     ckpts = {f: full_checkpoint(f) for f in args.families}
     clip = make_sample_clip.make_sample_clip(base / "clip.mp4", seconds=1, fps=16, size=128)
     rows, adapter = [], None
-    with comfy_runtime.ComfyServer(base / "comfy", checkpoints=list(ckpts.values())) as server:
+    extra = ["--bf16-unet"] if args.bf16_unet else []
+    with comfy_runtime.ComfyServer(base / "comfy", checkpoints=list(ckpts.values()), extra_args=extra) as server:
         video = server.upload(clip)
         for family in args.families:
             row, mine = check_family(server, family, ckpts[family].name, video, args.frames,
