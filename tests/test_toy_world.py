@@ -103,7 +103,7 @@ def test_vae_psnr_and_recognisability(tw, toy_vae):
     assert max(math.dist(o["centre"], c.tolist()) for o, c in zip(found, centres)) < 1.5
 
 
-TINY = {"steps": 3, "batch": 8}  # two micro-batches per step: both workers have one
+TINY = {"steps": 3, "batch": 16}  # two micro-batches per step: both workers have one
 
 
 @pytest.fixture(scope="module")

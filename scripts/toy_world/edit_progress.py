@@ -18,8 +18,8 @@ class PhaseProgress(comfy_client.Progress):
     least every every_s seconds.
     """
 
-    def __init__(self, prompt: dict, stream=sys.stderr, label: str = "", every_s: float = 20.0):
-        super().__init__(prompt, stream)
+    def __init__(self, prompt: dict, stream=None, label: str = "", every_s: float = 20.0):
+        super().__init__(prompt, stream or sys.stderr)  # sys.stderr now, not at import (it may be replaced)
         self.label, self.every_s, self.t_node, self.t_all = label, every_s, time.time(), time.time()
         self.t_line = time.time()
         self.phase = ""
@@ -45,3 +45,24 @@ class PhaseProgress(comfy_client.Progress):
             self._line(text)
             self.t_line = time.time()
         self.last = mark
+
+
+class PatientServer:
+    """The server as comfy_client.run_prompt's client, patient with a busy machine: a /history request that
+    times out (measured: over 60 s at load 29 on 2 cores, while a 1-thread server tuned) counts as "not
+    finished yet" instead of ending the run; a server process that died still raises at once."""
+
+    def __init__(self, server):
+        self.server, self.url = server, server.url
+
+    def queue(self, prompt: dict, client_id: str = "tav") -> str:
+        return self.server.queue(prompt, client_id)
+
+    def finished(self, prompt_id: str):
+        import urllib.error
+
+        self.server.check_alive()
+        try:
+            return self.server.finished(prompt_id)
+        except (TimeoutError, urllib.error.URLError, ConnectionError):
+            return None

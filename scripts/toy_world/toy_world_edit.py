@@ -138,7 +138,8 @@ def edit_once(server, a, ckpt_name: str, source, clip_dir: str, colour: str, sha
     toy_world = build_toy_world.load_pack_modules()[0]
     t0 = time.time()
     graph = edit_graph(clip_dir, ckpt_name, toy_world.prompt(colour, shape), edited, a)
-    entry = comfy_client.run_prompt(server, graph, 7200, edit_progress.PhaseProgress(graph, label=f"{edited}: "))
+    progress = edit_progress.PhaseProgress(graph, label=f"{edited}: ")
+    entry = comfy_client.run_prompt(edit_progress.PatientServer(server), graph, 7200, progress)
     results = {"source": toy_world.prompt(colour, shape), "trajectory": kind, "edited": edited,
                "wall_s": round(time.time() - t0)}
     clips = {"source": source}
