@@ -84,7 +84,7 @@ def loss_curve_image(losses, size=(256, 96)):
 
 def tune_clip(model, latent, positive, steps=500, learning_rate=3e-5, seed=0, trainable=DEFAULT_TRAINABLE,
               precision="bf16", gradient_checkpointing=True, preview_every=0, prompt_text="", callback=None,
-              query_rank=0, **loop_args):
+              query_rank=0, recompute_all=False, **loop_args):
     """One-shot tune `model` on a clip. Returns (tuned MODEL, TAVAdapter, losses per step).
 
     model: a MODEL, patched by TuneAVideoApplyAttention or patched here with TAV's defaults. latent:
@@ -94,6 +94,7 @@ def tune_clip(model, latent, positive, steps=500, learning_rate=3e-5, seed=0, tr
     go to tuning_objective.run_tuning (e.g. draw). The adapter holds everything the tuned model has on
     top of its checkpoint (a previous adapter's deltas included). query_rank > 0: the query deltas are
     low-rank (LoRA, sampling/low_rank.py) of that rank instead of full matrices (big UNets: SDXL).
+    recompute_all: with gradient_checkpointing, recompute attention and convolution outputs too (least memory).
     """
     check_arguments(model, steps, learning_rate, trainable, precision)
     check_query_rank(query_rank, NODE)
@@ -122,8 +123,8 @@ def tune_clip(model, latent, positive, steps=500, learning_rate=3e-5, seed=0, tr
         # Inputs are inference tensors (the executor runs nodes under inference_mode): use copies.
         conds = [[c.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}]
                  for c, d in positive]
-        run = TuningRun(patched, queries, temporal_parts, PRECISIONS[precision], gradient_checkpointing,
-                        query_rank, seed)
+        checkpointing = "all" if gradient_checkpointing and recompute_all else gradient_checkpointing
+        run = TuningRun(patched, queries, temporal_parts, PRECISIONS[precision], checkpointing, query_rank, seed)
         try:
             run.train(samples.clone(), conds, steps, learning_rate, seed, on_step, **loop_args)
             deltas, temporal = run.trained()

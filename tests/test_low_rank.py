@@ -4,6 +4,7 @@ model class (size conditioning, pooled vector, linear projections, 64-wide heads
 import pytest
 import safetensors.torch
 import torch
+import torch.utils.checkpoint
 
 import comfy.lora
 import comfy.model_base
@@ -193,3 +194,22 @@ def test_bad_inputs_name_the_input():
         ad.parse_adapter({"diffusion_model.x.attn1.to_q.lora_up.weight": torch.zeros(2, 1)}, bad.metadata, "f")
     with pytest.raises(ValueError, match="needs lora_up.weight"):
         ad.parse_adapter({"diffusion_model.x.attn1.to_q.lora_up.weight": torch.zeros(2, 1)}, {}, "f")
+
+
+def test_recompute_all_recomputes_everything_and_tunes_the_same(monkeypatch):
+    """Tune recompute_all: checkpointing without the selective policy (nothing kept), the same tuning."""
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: calls.append("context_fn" in k) or checkpoint(*a, **k))
+    base = compact(tiny_sdxl())
+    with torch.inference_mode():
+        kept = ost.tune_clip(base, {"samples": CLIP}, SOURCE, steps=3, learning_rate=1e-2, precision="fp32",
+                             query_rank=RANK)[1]
+        assert calls and all(calls)
+        calls.clear()
+        _, adapter = tnodes.TuneAVideoTune().tune(base, {"samples": CLIP}, SOURCE, 3, 1e-2, 0, "tune_a_video", "fp32",
+                                                     True, 0, "", RANK, True)
+    assert calls and not any(calls)
+    for key, value in kept.lora.items():
+        assert torch.allclose(adapter.lora[key], value, atol=1e-5), key

@@ -18,9 +18,9 @@ case " $* " in
   *) "$PY" scripts/benchmarks/dynamic_vram_check.py ;;
 esac
 # SDXL that fits a 24 GB card (issue 26): one tune of full-size random SDXL at 16 x 1024^2 with the compact
-# setting (temporal_width 128, query_rank 16): peak VRAM next to the CPU prediction in docs/real-size.md.
+# setting (temporal_width 128, query_rank 16, recompute_all): peak VRAM next to the CPU prediction (docs/real-size.md).
 case " $* " in
   *" --dry-run "*) ;;  # full-size SDXL on a CPU needs GBs and minutes
   *) "$PY" scripts/benchmarks/benchmark_sdxl_fit.py --device cuda --parts params measure --families sdxl \
-       --settings compact --sizes 16x128 ;;
+       --settings compact+recompute --sizes 16x128 ;;
 esac

@@ -8,10 +8,11 @@ Per family and setting, from ComfyUI's own full-size layouts and seeded random f
   - one One-Shot Tune at >= 3 small sizes, each in its own process (sdxl_fit_runs.py measure): peak live tensor
     bytes (what a GPU allocator must hold, weights excluded), FLOPs per step, seconds per step;
   - the peak and the FLOPs at the target size (SDXL 16 x 1024^2, SD1.5 24 x 512^2), extrapolated: peak =
-    a + b * F*H*W (least squares over the measured sizes: activations kept for the backward grow with the
-    frames x latent pixels; the fixed part is trainable state and per-call weight copies); FLOPs = c0 + c1 F*HW
-    + c2 F*(HW)^2 + c3 F^2*HW (convolutions and projections; frame attention; temporal attention), exact
-    polynomials fitted to 4 sizes (3 sizes: without c0); predicted card peak = UNet weights (bf16) + that peak;
+    max(optimizer step's peak, kept + transient) with kept = a + b * F*H*W fitted (least squares) to the bytes
+    live when the backward starts (activations kept grow with frames x latent pixels, the trainable state is
+    fixed) and transient = the backward's peak above that at the largest size (fit_peak); FLOPs
+    scaled linearly from the largest measured size (a lower bound: attention grows faster); predicted card
+    peak = UNet weights (bf16) + that peak;
   - the fit cost: the denoising loss at 5 fixed timesteps (fixed noise) before and after N steps on the same clip;
   - e2e (SDXL, compact): tune -> Save Adapter -> fresh load -> Load Adapter -> the same edit (Long Clip, feature
     injection), bit-equal or not.
@@ -78,30 +79,36 @@ def child(run: str, args, **kw) -> dict:
 
 
 def fit_peak(rows, target):
+    """max(the optimizer step's peak, kept(F*H*W) + transient): kept = a + b * F*H*W, least squares over the
+    bytes live when the backward starts (trainable state + activations kept for it), transient = the backward's
+    peak above that at the largest measured size (one block's recomputation and the gradients; it grows with
+    the size too, so this part is a lower bound). Returns (peak, worst relative misfit of the kept fit)."""
     import numpy as np
+    if not all("kept_at_backward" in r for _, _, r in rows):  # results without the phases (CUDA, or older)
+        return None, float("nan")
     x = np.array([[1.0, f * s * s] for f, s, _ in rows])
-    y = np.array([r["peak_bytes"] for _, _, r in rows], dtype=float)
+    y = np.array([r["kept_at_backward"] for _, _, r in rows], dtype=float)
     (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
     f, s = target
-    worst = max(abs(a + b * f_ * s_ * s_ - r["peak_bytes"]) / r["peak_bytes"] for f_, s_, r in rows)
-    return a + b * f * s * s, worst
+    worst = max(abs(a + b * f_ * s_ * s_ - r["kept_at_backward"]) / r["kept_at_backward"] for f_, s_, r in rows)
+    largest = max(rows, key=lambda row: row[0] * row[1] ** 2)[2]
+    transient = largest["phase_peak"]["backward"] - largest["kept_at_backward"]
+    step = max(r["phase_peak"].get("step", 0) for _, _, r in rows)
+    return max(a + b * f * s * s + transient, step), worst
 
 
 def fit_flops(rows, target):
-    import numpy as np
-    constant = len(rows) >= 4  # with 3 sizes, no constant term (per-call LoRA products, embeddings: tiny)
-    feats = lambda f, hw: [1.0] * constant + [f * hw, f * hw * hw, f * f * hw]  # noqa: E731
-    x = np.array([feats(f, s * s) for f, s, _ in rows])
-    y = np.array([r["flops"] for _, _, r in rows], dtype=float)
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-    return float(np.dot(feats(target[0], target[1] ** 2), coef))
+    """FLOPs per step at the target, linear in F*H*W from the largest measured size: a lower bound (frame and
+    temporal attention grow faster; at these sizes a polynomial fit is dominated by the 1-frame cases)."""
+    f, s, r = max(rows, key=lambda row: row[0] * row[1] ** 2)
+    return r["flops"] * target[0] * target[1] ** 2 / (f * s * s)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", nargs="+", default=["params", "measure", "fitcost", "e2e"])
     ap.add_argument("--families", nargs="+", default=["sdxl", "sd15"])
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--sizes", help="frames x latent size list for measure, e.g. '2x8 2x16 4x8 4x16'")
     ap.add_argument("--fit-steps", type=int, default=20, help="tuning steps of the fit-cost runs")
     ap.add_argument("--fit-size", default="2x16", help="frames x latent size of the fit-cost runs")
@@ -111,11 +118,24 @@ def main(argv=None):
     ap.add_argument("--utilisation", type=float, default=0.4, help="H100 bf16 utilisation for the time prediction")
     ap.add_argument("--json", help="also write every result to this file")
     ap.add_argument("--lock", help="a lock file each run holds (flock), e.g. a shared machine's big-memory lock")
+    ap.add_argument("--from-json", nargs="+", help="print the table of earlier --json results (no runs)")
     args = ap.parse_args(argv)
     results = {}
+    if args.from_json:
+        for path in args.from_json:
+            results.update(json.loads(Path(path).read_text()))
+        for key, r in results.items():
+            rows = [(int(k.split("x")[0]), int(k.split("x")[1]), m) for k, m in r.get("measured", {}).items()
+                    if "peak_bytes" in m]
+            if key != "e2e" and len(rows) >= 3 and args.device == "cpu":
+                r["peak_target"], r["fit_error"] = fit_peak(rows, TARGET[key.split("/")[0]])
+                r["flops_target"] = fit_flops(rows, TARGET[key.split("/")[0]])
+        table(results, args)
+        return 0
     print(f"# Tune-A-Video tuning, full-size random checkpoints (UNet bf16), bf16 autocast, checkpointing, "
           f"AdamW, device {args.device}, {args.threads} thread(s); settings: " +
-          "; ".join(f"{k} = temporal_width {v['temporal_width']}, query_rank {v['query_rank']}" for k, v in SETTINGS.items()))
+          "; ".join(f"{k} = temporal_width {v['temporal_width']}, query_rank {v['query_rank']}, recompute_all "
+                    f"{v['recompute_all']}" for k, v in SETTINGS.items()))
     for family in args.families:
         tf, ts = TARGET[family]
         for setting in args.settings:
@@ -173,7 +193,7 @@ def table(results, args):
         secs = f"{last[-1]['s_per_step']:.1f}" if last else "-"
         flops = f"{last[-1]['flops'] / 1e12:.2f}" if last else "-"
         target = "-"
-        if "peak_target" in r:
+        if r.get("peak_target") is not None:
             target = f"{(r['weights_bytes'] + r['peak_target']) / gb:.1f} ({r['weights_bytes'] / gb:.1f} weights + " \
                      f"{r['peak_target'] / gb:.1f}; fit within {100 * r['fit_error']:.0f} %)"
         tflops = r.get("flops_target")

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _paths  # noqa: E402,F401  (puts the purpose folders of scripts/ on sys.path)
 import comfy_runtime  # noqa: E402
 
-SETTINGS = {"full": {"temporal_width": 0, "query_rank": 0},        # the paper's trainable set
-            "compact": {"temporal_width": 128, "query_rank": 16}}  # issue 26
+SETTINGS = {"full": {"temporal_width": 0, "query_rank": 0, "recompute_all": False},  # the paper's trainable set
+            "compact": {"temporal_width": 128, "query_rank": 16, "recompute_all": False},  # issue 26
+            "compact+recompute": {"temporal_width": 128, "query_rank": 16, "recompute_all": True}}
 CONTEXT = {"sd15": (768, None), "sdxl": (2048, 1280)}  # cross-attention width, pooled width
 FIXED_T = (100, 300, 500, 700, 900)
 
@@ -41,6 +42,13 @@ def live_bytes_mode():
         def __init__(self):
             super().__init__()
             self.live, self.current, self.peak = {}, 0, 0
+            self.phase, self.phase_peak, self.at_backward = "forward", {}, 0
+
+        def mark(self, phase):
+            """Phases of a step: forward, backward (activations kept + the recomputed block), step (optimizer)."""
+            if phase == "backward":
+                self.at_backward = max(self.at_backward, self.current)
+            self.phase = phase
 
         def _free(self, key):
             self.current -= self.live.pop(key, 0)
@@ -59,6 +67,7 @@ def live_bytes_mode():
                         self.current += storage.nbytes()
                         weakref.finalize(storage, self._free, key)
             self.peak = max(self.peak, self.current)
+            self.phase_peak[self.phase] = max(self.phase_peak.get(self.phase, 0), self.current)
             return out
 
     return LiveBytes()
@@ -113,7 +122,8 @@ def tune(pack, model, latent, positive, setting, steps, callback=None, lr=3e-5):
     ost = importlib.import_module(f"{pack.__name__}.sampling.one_shot_tuning")
     with torch.inference_mode():
         return ost.tune_clip(model, latent, positive, steps=steps, learning_rate=lr, seed=0, precision="bf16",
-                             callback=callback, query_rank=SETTINGS[setting]["query_rank"])
+                             callback=callback, query_rank=SETTINGS[setting]["query_rank"],
+                             recompute_all=SETTINGS[setting]["recompute_all"])
 
 
 def run_measure(args):
@@ -147,9 +157,24 @@ def measure_one(pack, model, args, frames, size):
         tune(pack, model, latent, positive, args.setting, 2)
         result["peak_bytes"] = torch.cuda.max_memory_allocated() - before
     else:
-        with live_bytes_mode() as live:
-            tune(pack, model, latent, positive, args.setting, 2)
-        result["peak_bytes"] = live.peak
+        backward = torch.Tensor.backward
+
+        def marked(tensor, *a, **k):  # the loop's loss.backward(): forward ends, then the optimizer step
+            live.mark("backward")
+            try:
+                return backward(tensor, *a, **k)
+            finally:
+                live.mark("step")
+        live = live_bytes_mode()
+        torch.Tensor.backward = marked
+        try:
+            with live:
+                tune(pack, model, latent, positive, args.setting, 2,
+                     callback=lambda *_: live.mark("forward"))
+        finally:
+            torch.Tensor.backward = backward
+        result["peak_bytes"], result["phase_peak"], result["kept_at_backward"] = \
+            live.peak, live.phase_peak, live.at_backward
     with FlopCounterMode(display=False) as counter:
         tune(pack, model, latent, positive, args.setting, 1)
     result["flops"] = counter.get_total_flops()
@@ -234,7 +259,7 @@ def run_e2e(args):
         tnodes = mod("tuning_nodes")
         tuned, adapter = tnodes.TuneAVideoTune().tune(model, latent, source, args.steps, 3e-5, 0, "tune_a_video",
                                                       "bf16", True, 0, "a red ball rolling",
-                                                      SETTINGS["compact"]["query_rank"])
+                                                      SETTINGS["compact"]["query_rank"], True)
         name = tnodes.TuneAVideoSaveAdapter().save(adapter, "sdxl_compact")["ui"]["text"][0]
         first, *_ = edit(tuned, clip, vae)
         del model, tuned, clip, vae, adapter
