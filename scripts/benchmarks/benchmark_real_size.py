@@ -4,11 +4,11 @@ full SD1.5), this pack against the official code, in one run; each measurement i
 
 On a 2-core CPU a 24 x 512^2 step (~80 TFLOP) takes hours, so the step is measured at several small clips
 (frames F x latent side S) and extrapolated with a stated fit, checked on a point left out of it:
-  FLOPs = a F + b F S^2 + c F S^4 + d F^2 S^2   (per frame: the text keys/values of cross-attention, the time
-          embedding; convolutions/linear layers; spatial attention; temporal attention), exact for a UNet (one
-          timestep per clip), fitted on the --flop-points, the last point held out;
+  FLOPs, per op group (torch's counter by op): convolutions a F S^2; matmuls b F + c F S^2 (per frame: the
+          text keys/values); attention d F S^2 + e F S^4 + g F^2 S^2 (cross, spatial, temporal); exact forms for
+          a UNet, fitted on the --flop-points;
   memory above the weights = m0 + m1 F S^2  (fused attention keeps no S^4 workspace), per phase, fitted on
-          the --points, the last point held out.
+          the --points. Each fit is checked by refitting without its last point and predicting that point.
 Sampling: one guided call (cond + uncond batched, 2F images) measured the same way; Invert 50 (one F-image
 call per step) + Sampler 50 at cfg 12.5 (one 2F call per step) = 75 such calls. Predicted H100 time = FLOPs /
 (989 TFLOP/s dense bf16 x utilisation).
@@ -48,6 +48,8 @@ def measure(system, case, family, f, s, flops, args):
                 for line in cache.read_text().splitlines() if line.strip()}
     if key in done:  # measured before (--cache): reuse
         return dict(done[key], frames=f, size=s)
+    if args.cached_only:
+        return None
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536", TAV_DEVICE=args.device)
     lock = ["flock", args.lock] if args.lock else []  # one big-memory job at a time on a shared machine
     out = subprocess.run(lock + [sys.executable, str(HERE / "real_size_step.py"), json.dumps(job)],
@@ -67,16 +69,20 @@ def measure(system, case, family, f, s, flops, args):
 
 
 def fit(rows, basis, value):
-    """Least squares on all rows but the last; returns (coefficients, relative error on the last row)."""
+    """Least squares: (coefficients fitted on all rows, relative error on the last row of the fit on the others)."""
     a = np.array([basis(r["frames"], r["size"]) for r in rows], dtype=float)
     y = np.array([value(r) for r in rows], dtype=float)
-    coef = np.linalg.lstsq(a[:-1], y[:-1], rcond=None)[0]
-    held = float(a[-1] @ coef)
-    return coef, (held - y[-1]) / max(abs(y[-1]), 1.0)
+    held = float(a[-1] @ np.linalg.lstsq(a[:-1], y[:-1], rcond=None)[0])
+    return np.linalg.lstsq(a, y, rcond=None)[0], (held - y[-1]) / max(abs(y[-1]), 1.0)
 
 
-def flop_basis(f, s):
-    return [f, f * s * s, f * s ** 4, f * f * s * s]
+def _group_flops(row, group):
+    ops = row["flops_by_op"]
+    if group == "conv":
+        return sum(v for k, v in ops.items() if "convolution" in k)
+    if group == "attention":
+        return sum(v for k, v in ops.items() if "attention" in k)
+    return sum(v for k, v in ops.items() if "convolution" not in k and "attention" not in k)
 
 
 def mem_basis(f, s):
@@ -99,9 +105,15 @@ def predict(rows, flop_rows, targets):
     for name, value in PHASES.items():
         if len(rows) > len(mem_basis(1, 1)) and all(value(r) is not None for r in rows):
             coefs[name], errors[name] = fit(rows, mem_basis, value)
-    flop_coef = None
-    if len(flop_rows) > len(flop_basis(1, 1)):
-        flop_coef, errors["flops"] = fit(flop_rows, flop_basis, lambda r: r["flops"])
+    # FLOPs per op group, each with the terms it can have: convolutions F S^2; matmuls F S^2 and F (the text
+    # keys/values); attention F S^4 (spatial), F S^2 (cross), F^2 S^2 (temporal). Summed at the target.
+    groups = {"conv": lambda f, s: [f * s * s], "matmul": lambda f, s: [f, f * s * s],
+              "attention": lambda f, s: [f * s * s, f * s ** 4, f * f * s * s]}
+    flop_fits = {}
+    if len(flop_rows) > 3:
+        for g, basis in groups.items():
+            flop_fits[g] = fit(flop_rows, basis, lambda r, g=g: _group_flops(r, g))
+            errors[f"flops {g}"] = flop_fits[g][1]
     measured = {(r["frames"], r["size"]): r for r in rows}
     measured_flops = {(r["frames"], r["size"]): r["flops"] for r in flop_rows}
     for t in targets:
@@ -110,8 +122,8 @@ def predict(rows, flop_rows, targets):
             pred = {name: float(value(measured[t])) for name, value in PHASES.items()}
         else:
             pred = {name: float(np.dot(mem_basis(f, s), c)) for name, c in coefs.items()}
-        pred["flops"] = measured_flops.get(t) or (float(np.dot(flop_basis(f, s), flop_coef))
-                                                  if flop_coef is not None else None)
+        pred["flops"] = measured_flops.get(t) or (sum(float(np.dot(groups[g](f, s), c)) for g, (c, _) in
+                                                      flop_fits.items()) if flop_fits else None)
         out[t] = pred
     return out, errors
 
@@ -122,10 +134,14 @@ def run_system(system, case, args):
     rows, flop_rows = [], []
     for f, s in sorted(set(points) | set(flop_points), key=lambda p: p[0] * p[1] ** 2):
         r = measure(system, case, args.family, f, s, (f, s) in flop_points, args)
+        if r is None:
+            continue
         if (f, s) in points:
             rows.append(r)
         if (f, s) in flop_points:
             flop_rows.append(r)
+    points = [p for p in points if any((r["frames"], r["size"]) == p for r in rows)]
+    flop_points = [p for p in flop_points if any((r["frames"], r["size"]) == p for r in flop_rows)]
     order = {p: i for i, p in enumerate(points)}
     rows.sort(key=lambda r: order[(r["frames"], r["size"])])
     forder = {p: i for i, p in enumerate(flop_points)}
@@ -152,6 +168,7 @@ def main(argv=None):
                     help="cuda: measure at the targets themselves (--points/--flop-points = the targets)")
     ap.add_argument("--json", help="also write all measurements and predictions here")
     ap.add_argument("--cache", help="a JSON-lines file of measurements: reused when the same job is asked again")
+    ap.add_argument("--cached-only", action="store_true", help="measure nothing: the table from --cache")
     args = ap.parse_args(argv)
     targets = [point(t) for t in args.target]
     if args.device == "cuda":
@@ -178,10 +195,14 @@ def print_table(report, args):
             + " ".join(f"{'H100 ' + str(int(u * 100)) + '%':>9}" for u in util))
     print(head)
     for key, rep in report.items():
+        if not rep["rows"]:
+            continue
         r0 = rep["rows"][0]
         for clip, p in rep["pred"].items():
             f, s = point(clip)
-            peak = max(p.get("fwd_peak", 0), p.get("bwd_peak", 0))
+            # the step's peak: the forward's, or what the forward kept plus the gradients (backward), whichever is
+            # larger; each phase is fitted separately, and at small clips the end-of-step state dominates
+            peak = max(p.get("fwd_peak", 0), p.get("bwd_peak", 0), p.get("kept", 0) + r0.get("grads", 0))
             flops = p["flops"]
             calls = 1 if key.endswith("tune") else 75
             times = " ".join(f"{flops * calls * (500 if calls == 1 else 1) / (H100_BF16 * u):8.1f}s" if flops else
