@@ -5,7 +5,8 @@ full SD1.5), this pack against the official code, in one run; each measurement i
 On a 2-core CPU a 24 x 512^2 step (~80 TFLOP) takes hours, so the step is measured at several small clips
 (frames F x latent side S) and extrapolated with a stated fit, checked on a point left out of it:
   FLOPs, per op group (torch's counter by op): convolutions a F S^2; matmuls b F + c F S^2 (per frame: the
-          text keys/values); attention d F S^2 + e F S^4 + g F^2 S^2 (cross, spatial, temporal); exact forms for
+          text keys/values); attention d F S^2 + e F S^4 + h S^4 + g F^2 S^2 (cross; spatial, the first frame
+          with fewer keys; temporal); exact forms for
           a UNet, fitted on the --flop-points;
   memory above the weights = m0 + m1 F S^2  (fused attention keeps no S^4 workspace), per phase, fitted on
           the --points. Each fit is checked by refitting without its last point and predicting that point.
@@ -72,8 +73,11 @@ def fit(rows, basis, value):
     """Least squares: (coefficients fitted on all rows, relative error on the last row of the fit on the others)."""
     a = np.array([basis(r["frames"], r["size"]) for r in rows], dtype=float)
     y = np.array([value(r) for r in rows], dtype=float)
+    coef = np.linalg.lstsq(a, y, rcond=None)[0]
+    if len(rows) <= a.shape[1]:  # no point to spare for the check
+        return coef, float("nan")
     held = float(a[-1] @ np.linalg.lstsq(a[:-1], y[:-1], rcond=None)[0])
-    return np.linalg.lstsq(a, y, rcond=None)[0], (held - y[-1]) / max(abs(y[-1]), 1.0)
+    return coef, (held - y[-1]) / max(abs(y[-1]), 1.0)
 
 
 def _group_flops(row, group):
@@ -103,14 +107,14 @@ def predict(rows, flop_rows, targets):
     out, errors = {}, {}
     coefs = {}
     for name, value in PHASES.items():
-        if len(rows) > len(mem_basis(1, 1)) and all(value(r) is not None for r in rows):
+        if len(rows) >= len(mem_basis(1, 1)) and all(value(r) is not None for r in rows):
             coefs[name], errors[name] = fit(rows, mem_basis, value)
     # FLOPs per op group, each with the terms it can have: convolutions F S^2; matmuls F S^2 and F (the text
     # keys/values); attention F S^4 (spatial), F S^2 (cross), F^2 S^2 (temporal). Summed at the target.
     groups = {"conv": lambda f, s: [f * s * s], "matmul": lambda f, s: [f, f * s * s],
-              "attention": lambda f, s: [f * s * s, f * s ** 4, f * f * s * s]}
+              "attention": lambda f, s: [f * s * s, f * s ** 4, s ** 4, f * f * s * s]}
     flop_fits = {}
-    if len(flop_rows) > 3:
+    if len(flop_rows) >= 4:
         for g, basis in groups.items():
             flop_fits[g] = fit(flop_rows, basis, lambda r, g=g: _group_flops(r, g))
             errors[f"flops {g}"] = flop_fits[g][1]
