@@ -24,3 +24,10 @@ case " $* " in
   *) "$PY" scripts/benchmarks/benchmark_sdxl_fit.py --device cuda --parts params measure --families sdxl \
        --settings compact+recompute --sizes 16x128 ;;
 esac
+# Real size (issue 25): full SD1.5 (random weights, scripts/models/full_size.py) at 24 and 8 frames x 512^2,
+# this pack and the official code (fp16 autocast), one tune step and one guided call each, measured at
+# the target itself: the GPU figures next to the CPU predictions in docs/real-size.md.
+case " $* " in
+  *" --dry-run "*) ;;  # full-size SD1.5 at 512^2 on a CPU takes hours per step
+  *) "$PY" scripts/benchmarks/benchmark_real_size.py --device cuda --autocast fp16 --target 24x64 8x64 ;;
+esac
