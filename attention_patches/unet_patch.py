@@ -122,7 +122,8 @@ class TAVPatch:
         self.blocks = blocks
         self.norm_paths = norm_paths
         self.temporal = temporal
-        self.live_norm_hooks: dict[torch.nn.Module, functools.partial] = {}  # during this patch's UNet call
+        # forward hooks registered during this patch's UNet call: module -> (hook, with_kwargs)
+        self.live_hooks: dict[torch.nn.Module, tuple[functools.partial, bool]] = {}
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone deep-copies model_options (where attn1_replace lives); keep one patch.
@@ -140,30 +141,32 @@ class TAVPatch:
                                 transformer_options, **kwargs):
         unet = executor.class_obj
         layout = clip_layout(x.shape[0], transformer_options)
-        handles = []
+        handles, live = [], {}
         try:
             if self.temporal is not None:
                 for path, _ in self.blocks:
                     hook = functools.partial(_temporal_hook, self.temporal.block(path), layout.frames,
                                              layout.positions if self.config.temporal_position_encoding else None)
-                    handles.append(unet.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
-            injection = injection_hook(transformer_options, layout.positions)  # Invert feature_injection
-            if injection is not None:
-                handles.append(unet.get_submodule(injection[0]).register_forward_hook(injection[1]))
+                    live[unet.get_submodule(path)] = (hook, True)
             if self.config.frame_shared_norm and layout.frames > 1:
                 hook = functools.partial(_norm_hook, layout.clips)
-                self.live_norm_hooks = {unet.get_submodule(p): hook for p in self.norm_paths}
-                handles += [norm.register_forward_hook(hook) for norm in self.live_norm_hooks]
+                live.update({unet.get_submodule(p): (hook, False) for p in self.norm_paths})
+            self.live_hooks = live
+            handles += [m.register_forward_hook(h, with_kwargs=kw) for m, (h, kw) in live.items()]
+            injection = injection_hook(transformer_options, layout.positions)  # Invert feature_injection
+            if injection is not None:  # never under training (Invert runs without gradients)
+                handles.append(unet.get_submodule(injection[0]).register_forward_hook(injection[1]))
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
-            self.live_norm_hooks = {}
+            self.live_hooks = {}
 
-    def norm_hooks_in(self, module: torch.nn.Module) -> list[tuple[torch.nn.Module, functools.partial]]:
-        """The frame-shared GroupNorm hooks live inside `module` right now (only during this patch's UNet
-        call): gradient checkpointing re-registers them when the backward recomputes the module."""
-        return [(m, self.live_norm_hooks[m]) for m in module.modules() if m in self.live_norm_hooks]
+    def hooks_in(self, module: torch.nn.Module) -> list[tuple[torch.nn.Module, functools.partial, bool]]:
+        """The temporal-attention and frame-shared GroupNorm hooks live on `module` or inside it right now (only
+        during this patch's UNet call): gradient checkpointing re-registers them when the backward recomputes
+        the module after the call removed them. (module, hook, with_kwargs) each."""
+        return [(m, *self.live_hooks[m]) for m in module.modules() if m in self.live_hooks]
 
     def temporal_state_dict(self) -> dict[str, torch.Tensor]:
         """Temporal attention weights, keyed `<unet block path>.{attn_temp,norm_temp}.<param>`."""

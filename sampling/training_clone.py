@@ -11,8 +11,9 @@ The loaded weights are what ComfyUI's own loading makes of this clone: the check
 weights (restored from the patcher's backup when another clone of the checkpoint was loaded before,
 LoRA'd, tuned or cancelled) plus this model's own patches. Under dynamic VRAM the run trains on core's
 classic patcher over a fresh copy of the weights (dynamic_vram.py). The temporal attention is the clone's own copy.
-Gradient checkpointing (non-reentrant) covers transformer blocks, temporal attention and res blocks;
-it keeps frame-attention and convolution outputs and recomputes the rest (see _keep_attention).
+Gradient checkpointing (non-reentrant) covers whole transformers (their blocks and temporal attention
+included) and res blocks; it keeps frame-attention and spatial-convolution outputs and recomputes the rest
+(see _keep_attention).
 """
 from __future__ import annotations
 
@@ -66,13 +67,16 @@ def _attention_ops() -> frozenset:
 
 def _keep_attention(ctx, op, *args, **kwargs):
     """Selective checkpointing policy: keep the outputs of fused attention over at least as many keys as
-    queries (frame attention: tokens x channels, plus the softmax statistics) and of convolutions,
-    recompute everything else. That attention is a third or more of a transformer block's FLOPs at SD
-    resolutions; cross-attention (77 keys) and temporal attention (F keys) are cheap to recompute and are
-    not kept. A res block then recomputes only its norms and activations (cheap, elementwise) and still
-    drops their saved tensors: on the CPU benchmark 1 s less per step for +9 % peak memory."""
+    queries (frame attention: tokens x channels, plus the softmax statistics) and of spatial convolutions
+    (3x3; a 1x1 proj_in/proj_out is as cheap to redo as a linear layer), recompute everything else. That
+    attention is a third or more of a transformer block's FLOPs at SD resolutions; cross-attention (77 keys)
+    and temporal attention (F keys) are cheap to recompute and are not kept. A res block then recomputes only
+    its norms and activations (cheap, elementwise) and still drops their saved tensors: on the CPU benchmark
+    1 s less per step for +9 % peak memory."""
     policy = torch.utils.checkpoint.CheckpointPolicy
-    if op is _CONVOLUTION or op in _ATTENTION_OPS and args[1].shape[-2] >= args[0].shape[-2]:  # (b, h, n, d)
+    if op is _CONVOLUTION and args[1].shape[-1] > 1:  # weight (out, in, kh, kw)
+        return policy.MUST_SAVE
+    if op in _ATTENTION_OPS and args[1].shape[-2] >= args[0].shape[-2]:  # q, k: (b, h, n, d)
         return policy.MUST_SAVE
     return policy.PREFER_RECOMPUTE
 
@@ -82,54 +86,89 @@ _ATTENTION_OPS = _attention_ops()
 _SELECTIVE = getattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts", None)
 
 
-def _with_norm_hooks(patch, hooks, forward, *args, **kwargs):
-    """forward with the frame-shared GroupNorm hooks of the original forward: in place during the UNet
-    call; registered again (public hook API) while the backward recomputes after the call removed them."""
-    handles = [m.register_forward_hook(h) for m, h in hooks if patch.live_norm_hooks.get(m) is not h]
+def _recompute_as_forward(patch, hooks, nested, forward, *args, **kwargs):
+    """forward as during the UNet call: with the TAV forward hooks inside it (temporal attention,
+    frame-shared GroupNorm) and the checkpointed forwards of the regions nested in it. Both are in place
+    during the call; the backward recomputes after the call removed them, so they are put back for it
+    (public hook API; instance forwards) and removed again."""
+    handles = [m.register_forward_hook(h, with_kwargs=kw) for m, h, kw in hooks
+               if patch.live_hooks.get(m, (None,))[0] is not h]
+    swapped = []
+    for m, f in nested:
+        if m.__dict__.get("forward") is not f:
+            swapped.append((m, m.__dict__.get("forward")))
+            m.forward = f
     try:
         return forward(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
+        _restore_forwards(swapped)
 
 
-def _checkpointed(patch, selective, module, forward, *args, **kwargs):
+def _restore_forwards(saved):
+    for module, previous in saved:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
+def _checkpointed(patch, selective, module, nested, forward, *args, **kwargs):
     # The UNet mutates transformer_options ("block", "block_index", ...) between this forward and
     # the backward's recomputation: recompute with the values of this call.
     args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
     kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
     if _SELECTIVE is not None and selective:
         kwargs["context_fn"] = functools.partial(_SELECTIVE, _keep_attention)
-    run = functools.partial(_with_norm_hooks, patch, patch.norm_hooks_in(module), forward)
+    hooks = [(m, h, kw) for m, h, kw in patch.hooks_in(module) if m is not module]  # its own run outside forward
+    run = functools.partial(_recompute_as_forward, patch, hooks, nested, forward)
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
+def checkpoint_regions(unet, patch) -> list[tuple[torch.nn.Module, list[torch.nn.Module]]]:
+    """What gradient checkpointing wraps, as (module, modules checkpointed inside it): each transformer
+    (norm, proj_in, its blocks with their temporal attention, proj_out) as one region, and each res block.
+    A transformer of several blocks (SDXL: up to 10) also checkpoints each block and its temporal attention
+    inside it, so that recomputing it keeps one block's activations at a time."""
+    blocks: dict[str, list[str]] = {}
+    for path, _ in patch.blocks:
+        blocks.setdefault(path.rsplit(".transformer_blocks.", 1)[0], []).append(path)
+    regions = []
+    for transformer, paths in blocks.items():
+        nested = []
+        if len(unet.get_submodule(transformer).transformer_blocks) > 1:
+            nested = [unet.get_submodule(p) for p in paths]
+            nested += [patch.temporal.block(p) for p in paths] if patch.temporal is not None else []
+        regions += [(m, []) for m in nested] + [(unet.get_submodule(transformer), nested)]
+    return regions + [(m, []) for m in unet.modules() if isinstance(m, ResBlock)]
+
+
 class Checkpointing:
-    """DIFFUSION_MODEL wrapper: non-reentrant gradient checkpointing of the given modules' forwards for
-    the duration of one model call (restored afterwards). A module's own TAV forward hooks (temporal
-    attention) run outside its checkpointed forward; the frame-shared GroupNorm hooks inside it (res blocks)
-    are taken from the patch at forward time and registered again while the backward recomputes.
-    Non-reentrant: parameters get gradients even where no input requires grad. selective=False recomputes
-    everything in the backward, attention and convolution outputs too (_keep_attention keeps them otherwise):
-    on SDXL at 16 x 1024^2 those are about a third of the activations kept.
+    """DIFFUSION_MODEL wrapper: non-reentrant gradient checkpointing of the given regions' forwards for
+    the duration of one model call (restored afterwards). A module's own TAV forward hooks run outside its
+    checkpointed forward; the TAV hooks inside it (temporal attention on its transformer blocks, frame-shared
+    GroupNorms) and the regions nested in it are taken at forward time and put back while the backward
+    recomputes it. Non-reentrant: parameters get gradients even where no input requires grad.
+    selective=False recomputes everything in the backward, attention and convolution outputs too
+    (_keep_attention keeps them otherwise): on SDXL at 16 x 1024^2 those are about a third of the
+    activations kept.
     """
 
-    def __init__(self, modules, patch, selective=True):
-        self.modules, self.patch, self.selective = list(modules), patch, selective
+    def __init__(self, regions, patch, selective=True):
+        self.regions, self.patch, self.selective = list(regions), patch, selective  # nested regions first
 
     def __call__(self, executor, *args, **kwargs):
-        saved = []
+        saved, forwards = [], {}
         try:
-            for module in self.modules:
+            for module, nested in self.regions:
                 saved.append((module, module.__dict__.get("forward")))
-                module.forward = functools.partial(_checkpointed, self.patch, self.selective, module, module.forward)
+                forwards[module] = module.forward = functools.partial(
+                    _checkpointed, self.patch, self.selective, module, [(m, forwards[m]) for m in nested],
+                    module.forward)
             return executor(*args, **kwargs)
         finally:
-            for module, previous in saved:
-                if previous is None:
-                    del module.forward
-                else:
-                    module.forward = previous
+            _restore_forwards(saved)
 
 
 class _TuningSampler(comfy.samplers.Sampler):
@@ -218,12 +257,9 @@ class TuningRun:
         if self.compute_dtype != self.model.model_dtype():
             self.model.set_model_compute_dtype(self.compute_dtype)
         if checkpointing:
-            modules = [unet.get_submodule(path) for path, _ in self.patch.blocks]
-            if self.patch.temporal is not None:
-                modules += [self.patch.temporal.block(path) for path, _ in self.patch.blocks]
-            modules += [m for m in unet.modules() if isinstance(m, ResBlock)]
             self.model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CHECKPOINT_KEY,
-                                            Checkpointing(modules, self.patch, selective=checkpointing != "all"))
+                                            Checkpointing(checkpoint_regions(unet, self.patch), self.patch,
+                                                          selective=checkpointing != "all"))
 
     def _wrap(self, key, function):
         self.model.add_weight_wrapper(key, function)

@@ -213,3 +213,42 @@ def test_recompute_all_recomputes_everything_and_tunes_the_same(monkeypatch):
     assert calls and not any(calls)
     for key, value in kept.lora.items():
         assert torch.allclose(adapter.lora[key], value, atol=1e-5), key
+
+
+def test_nested_checkpointing_of_multi_block_transformers_tunes_as_without_checkpointing(monkeypatch):
+    """SDXL's transformers hold several blocks: each transformer is one checkpointed region with each block
+    and its temporal attention checkpointed inside it, and the backward's recomputation of the transformer
+    puts those inner regions back. Same tuning as without checkpointing; dropping the inner regions while
+    recomputing changes what the backward saves and is caught."""
+    tc = tavlib.pack_module("sampling.training_clone")
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    base = compact(tiny_sdxl())
+    unet = base.model.diffusion_model
+    transformers = [m for m in unet.modules() if type(m).__name__ == "SpatialTransformer"]
+    blocks = sum(len(m.transformer_blocks) for m in transformers)
+    assert transformers and blocks == 2 * len(transformers)
+    res = sum(type(m).__name__ == "ResBlock" for m in unet.modules())
+
+    def run(checkpointing, steps=3):
+        with torch.inference_mode():
+            return ost.tune_clip(base, {"samples": CLIP}, SOURCE, steps=steps, learning_rate=1e-2, precision="fp32",
+                                 query_rank=RANK, gradient_checkpointing=checkpointing)[1]
+
+    plain = run(False)
+    assert calls == []
+    nested = run(True)
+    # per model call: each transformer, each of its blocks and their temporal attention, each res block;
+    # recomputing a transformer in the backward runs its inner regions again
+    per_call = len(transformers) + 2 * blocks + res
+    assert len(calls) == 3 * (per_call + 2 * blocks)
+    for key, value in plain.lora.items():
+        assert torch.allclose(nested.lora[key], value, atol=1e-5), key
+    for key, value in plain.temporal.items():
+        assert torch.allclose(nested.temporal[key], value, atol=1e-5), key
+    recompute = tc._recompute_as_forward
+    monkeypatch.setattr(tc, "_recompute_as_forward",
+                        lambda patch, hooks, nested, forward, *a, **k: recompute(patch, hooks, [], forward, *a, **k))
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):
+        run(True, steps=1)

@@ -170,10 +170,12 @@ def test_every_trainable_tensor_gets_a_gradient_with_and_without_checkpointing(b
             if step == 1:  # step 0: the zero output projection blocks gradients to q/k/v (as in TAV)
                 store.update({k: None if p.grad is None else p.grad.clone() for k, p in params.items()})
         tune(base, trainable="attention+temporal", gradient_checkpointing=checkpointing, callback=grab)
-        blocks = len(list(up.transformer_blocks(base.model.diffusion_model)))
-        res = sum(isinstance(m, ResBlock) for m in base.model.diffusion_model.modules())
-        # transformer blocks, temporal attention and res blocks, 2 steps; always non-reentrant
-        assert len(calls) == (2 * (2 * blocks + res) if checkpointing else 0)
+        unet = base.model.diffusion_model
+        transformers = sum(type(m).__name__ == "SpatialTransformer" for m in unet.modules())
+        assert transformers == len(list(up.transformer_blocks(unet)))  # one block each: no nested regions
+        res = sum(isinstance(m, ResBlock) for m in unet.modules())
+        # whole transformers (temporal attention inside) and res blocks, 2 steps; always non-reentrant
+        assert len(calls) == (2 * (transformers + res) if checkpointing else 0)
         assert all(not k["use_reentrant"] for k in calls)
         missing = [k for k, g in grads[checkpointing].items() if g is None or not g.abs().max() > 0]
         assert missing == [], f"checkpointing={checkpointing}: no gradient for {missing}"
@@ -183,9 +185,9 @@ def test_every_trainable_tensor_gets_a_gradient_with_and_without_checkpointing(b
     for k in grads[False]:
         assert torch.allclose(grads[True][k], grads[False][k], rtol=1e-4, atol=1e-7), k
     if attention == "comfy_default":
-        # control (TAVConfig's frame_shared_norm=True): res blocks recomputed without the frame-shared
-        # GroupNorm hooks of their forward (gone after the UNet call) do not reproduce it
-        monkeypatch.setattr(up.TAVPatch, "norm_hooks_in", lambda self, module: [])
+        # control: regions recomputed without the TAV hooks of their forward (temporal attention,
+        # frame-shared GroupNorm; gone after the UNet call) do not reproduce it
+        monkeypatch.setattr(up.TAVPatch, "hooks_in", lambda self, module: [])
         with pytest.raises(torch.utils.checkpoint.CheckpointError):
             tune(base, trainable="attention+temporal", gradient_checkpointing=True)
         assert_no_leftovers(base)
