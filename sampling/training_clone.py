@@ -12,8 +12,8 @@ weights (restored from the patcher's backup when another clone of the checkpoint
 LoRA'd, tuned or cancelled) plus this model's own patches. Under dynamic VRAM the run trains on core's
 classic patcher over a fresh copy of the weights (dynamic_vram.py). The temporal attention is the clone's own copy.
 Gradient checkpointing (non-reentrant) covers whole transformers (their blocks and temporal attention
-included) and res blocks; it keeps frame-attention and spatial-convolution outputs and recomputes the rest
-(see _keep_attention).
+included), res blocks, upsamplers and the output head (checkpoint_regions); it keeps frame-attention and
+spatial-convolution outputs and recomputes the rest (see _keep_attention; recompute_all: nothing kept).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
 
-from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, Upsample
 
 from ..attention_patches.unet_patch import apply_tav, get_tav_patch, unet_of
 from .adapters import PREFIX
@@ -128,7 +128,9 @@ def _checkpointed(patch, selective, module, nested, forward, *args, **kwargs):
 
 def checkpoint_regions(unet, patch) -> list[tuple[torch.nn.Module, list[torch.nn.Module]]]:
     """What gradient checkpointing wraps, as (module, modules checkpointed inside it): each transformer
-    (norm, proj_in, its blocks with their temporal attention, proj_out) as one region, and each res block.
+    (norm, proj_in, its blocks with their temporal attention, proj_out) as one region, each res block, each
+    upsampler (its input is a quarter of its conv's) and the output head. Between regions autograd keeps
+    only each region's input.
     A transformer of several blocks (SDXL: up to 10) also checkpoints each block and its temporal attention
     inside it, so that recomputing it keeps one block's activations at a time."""
     blocks: dict[str, list[str]] = {}
@@ -141,7 +143,8 @@ def checkpoint_regions(unet, patch) -> list[tuple[torch.nn.Module, list[torch.nn
             nested = [unet.get_submodule(p) for p in paths]
             nested += [patch.temporal.block(p) for p in paths] if patch.temporal is not None else []
         regions += [(m, []) for m in nested] + [(unet.get_submodule(transformer), nested)]
-    return regions + [(m, []) for m in unet.modules() if isinstance(m, ResBlock)]
+    regions += [(m, []) for m in unet.modules() if isinstance(m, (ResBlock, Upsample))]
+    return regions + [(unet.out, [])]  # the output head: GroupNorm, SiLU, conv (fp32 norm input)
 
 
 class Checkpointing:

@@ -229,7 +229,7 @@ def test_nested_checkpointing_of_multi_block_transformers_tunes_as_without_check
     transformers = [m for m in unet.modules() if type(m).__name__ == "SpatialTransformer"]
     blocks = sum(len(m.transformer_blocks) for m in transformers)
     assert transformers and blocks == 2 * len(transformers)
-    res = sum(type(m).__name__ == "ResBlock" for m in unet.modules())
+    res = sum(type(m).__name__ in ("ResBlock", "Upsample") for m in unet.modules()) + 1  # + the output head
 
     def run(checkpointing, steps=3):
         with torch.inference_mode():
@@ -239,7 +239,8 @@ def test_nested_checkpointing_of_multi_block_transformers_tunes_as_without_check
     plain = run(False)
     assert calls == []
     nested = run(True)
-    # per model call: each transformer, each of its blocks and their temporal attention, each res block;
+    # per model call: each transformer, each of its blocks and their temporal attention, each res block,
+    # upsampler and the output head;
     # recomputing a transformer in the backward runs its inner regions again
     per_call = len(transformers) + 2 * blocks + res
     assert len(calls) == 3 * (per_call + 2 * blocks)

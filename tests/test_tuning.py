@@ -174,8 +174,10 @@ def test_every_trainable_tensor_gets_a_gradient_with_and_without_checkpointing(b
         transformers = sum(type(m).__name__ == "SpatialTransformer" for m in unet.modules())
         assert transformers == len(list(up.transformer_blocks(unet)))  # one block each: no nested regions
         res = sum(isinstance(m, ResBlock) for m in unet.modules())
-        # whole transformers (temporal attention inside) and res blocks, 2 steps; always non-reentrant
-        assert len(calls) == (2 * (transformers + res) if checkpointing else 0)
+        ups = sum(type(m).__name__ == "Upsample" for m in unet.modules())
+        # whole transformers (temporal attention inside), res blocks, upsamplers and the output head, 2 steps;
+        # always non-reentrant
+        assert len(calls) == (2 * (transformers + res + ups + 1) if checkpointing else 0)
         assert all(not k["use_reentrant"] for k in calls)
         missing = [k for k, g in grads[checkpointing].items() if g is None or not g.abs().max() > 0]
         assert missing == [], f"checkpointing={checkpointing}: no gradient for {missing}"

@@ -41,6 +41,8 @@ def point(text):
 def measure(system, case, family, f, s, flops, args):
     job = {"system": system, "case": case, "family": family, "frames": f, "size": s, "flops": flops,
            "autocast": args.autocast, "unet_dtype": args.unet_dtype}
+    if args.recompute_all and system == "pack" and case == "tune":
+        job["recompute_all"] = True
     key = json.dumps(job, sort_keys=True)
     cache = Path(args.cache) if args.cache else None
     done = {}
@@ -165,6 +167,7 @@ def main(argv=None):
     ap.add_argument("--autocast", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--unet-dtype", default="bf16", choices=["fp16", "bf16"],
                     help="pack on CPU: bf16 keeps the UNet in half precision as on a GPU (fp16: ComfyUI's CPU default, fp32)")
+    ap.add_argument("--recompute-all", action="store_true", help="the pack's tune with One-Shot Tune recompute_all")
     ap.add_argument("--lock", help="run each measurement under `flock LOCK` (shared machines)")
     ap.add_argument("--utilisation", nargs="+", type=float, default=[0.35, 0.5])
     ap.add_argument("--threads", type=int, default=1)

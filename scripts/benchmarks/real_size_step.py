@@ -77,7 +77,8 @@ def pack_run(a):
 
         def step(callback=None):
             with torch.inference_mode():
-                ost.tune_clip(model, latent, positive, steps=1, learning_rate=3e-5, seed=0, callback=callback)
+                ost.tune_clip(model, latent, positive, steps=1, learning_rate=3e-5, seed=0, callback=callback,
+                              recompute_all=a.get("recompute_all", False))
         if CUDA:
             step()  # warm-up (kernel selection, allocator)
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
