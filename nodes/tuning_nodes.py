@@ -90,9 +90,9 @@ class TuneAVideoTune:
                 "so LoraLoaderModelOnly also applies them. For SDXL on a 24 GB card: 16, with Apply Attention "
                 "temporal_width 128."}),
             "recompute_all": ("BOOLEAN", {"default": False, "tooltip":
-                "With gradient_checkpointing: also recompute attention and convolution outputs in the backward "
-                "instead of keeping them. Least memory (SDXL at 16 frames of 1024x1024: about a third less "
-                "activation memory), slower. For SDXL on a 24 GB card."}),
+                "With gradient_checkpointing: also recompute the frame-attention outputs in the backward instead "
+                "of keeping them. Least memory (SD1.5 at 24 frames of 512x512: 2.6 instead of 3.7 GB above the "
+                "weights), 6 % more compute. For SDXL on a 24 GB card."}),
         }}
 
     def tune(self, model, latent, positive, steps, learning_rate, seed, trainable, precision,

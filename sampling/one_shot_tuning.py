@@ -94,7 +94,7 @@ def tune_clip(model, latent, positive, steps=500, learning_rate=3e-5, seed=0, tr
     go to tuning_objective.run_tuning (e.g. draw). The adapter holds everything the tuned model has on
     top of its checkpoint (a previous adapter's deltas included). query_rank > 0: the query deltas are
     low-rank (LoRA, sampling/low_rank.py) of that rank instead of full matrices (big UNets: SDXL).
-    recompute_all: with gradient_checkpointing, recompute attention and convolution outputs too (least memory).
+    recompute_all: with gradient_checkpointing, recompute the frame-attention outputs too (least memory).
     """
     check_arguments(model, steps, learning_rate, trainable, precision)
     check_query_rank(query_rank, NODE)

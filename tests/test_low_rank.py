@@ -220,7 +220,7 @@ def test_nested_checkpointing_of_multi_block_transformers_tunes_as_without_check
     and its temporal attention checkpointed inside it, and the backward's recomputation of the transformer
     puts those inner regions back. Same tuning as without checkpointing; dropping the inner regions while
     recomputing changes what the backward saves and is caught."""
-    tc = tavlib.pack_module("sampling.training_clone")
+    tc = tavlib.pack_module("sampling.checkpointing")
     calls = []
     checkpoint = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))

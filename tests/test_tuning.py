@@ -17,7 +17,7 @@ ost = tavlib.pack_module("sampling.one_shot_tuning")
 obj = tavlib.pack_module("sampling.tuning_objective")
 up = tavlib.pack_module("attention_patches.unet_patch")
 nodes = tavlib.pack_module("nodes.tuning_nodes")
-tc = tavlib.pack_module("sampling.training_clone")
+tc = tavlib.pack_module("sampling.checkpointing")
 
 FRAMES = 4
 PROMPT = tavlib.context(100)
