@@ -10,6 +10,8 @@ Frame i's queries attend to the keys/values of a set of frames chosen by the mod
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 from functools import lru_cache
 
@@ -103,6 +105,23 @@ def _keys(x, key_rows: tuple[tuple[int, ...], ...]):
     return out.view(clips, g, m * n, c)
 
 
+_RUNNING = contextvars.ContextVar("tav_frame_attention", default=False)
+
+
+def running() -> bool:
+    """Whether the code running now is inside frame_attention (gradient checkpointing keeps its outputs)."""
+    return _RUNNING.get()
+
+
+@contextlib.contextmanager
+def _marked():
+    token = _RUNNING.set(True)
+    try:
+        yield
+    finally:
+        _RUNNING.reset(token)
+
+
 @lru_cache(maxsize=16)
 def takes_transformer_options(attention) -> bool:
     """Whether an attention function accepts transformer_options (newer ComfyUI reads attention
@@ -122,6 +141,13 @@ def frame_attention(q, k, v, heads: int, clips: int, positions: tuple[int, ...],
     ComfyUI's optimized_attention (default); it also gets `transformer_options` where it takes them.
     Returns (clips * frames, tokens, channels of v).
     """
+    with _marked():
+        return _frame_attention(q, k, v, heads, clips, positions, mode, radius, attention, transformer_options,
+                                **attention_kwargs)
+
+
+def _frame_attention(q, k, v, heads, clips, positions, mode, radius, attention, transformer_options,
+                     **attention_kwargs):
     if attention is None:
         import comfy.ldm.modules.attention as comfy_attention
         attention = comfy_attention.optimized_attention

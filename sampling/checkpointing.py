@@ -15,6 +15,8 @@ import torch.utils.checkpoint
 
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, Upsample
 
+from ..attention_patches import frame_attention
+
 CHECKPOINT_KEY = "tune_a_video_checkpointing"
 
 
@@ -26,16 +28,13 @@ def _attention_ops() -> frozenset:
 
 
 def _keep_attention(ctx, op, *args, **kwargs):
-    """Selective checkpointing policy: keep the outputs of fused attention over at least as many keys as
-    queries (frame attention: tokens x channels, plus the softmax statistics), recompute everything else.
-    That attention is a third or more of a transformer block's FLOPs at SD resolutions; cross-attention
-    (77 keys) and temporal attention (F keys) are cheap to recompute and are not kept. Convolution outputs
-    are recomputed too: on SD1.5 at 24 x 512^2 keeping them held 1.2 GB to save 6.8 of 72 TFLOP per step
-    (docs/real-size.md)."""
+    """Selective checkpointing policy: keep the outputs of the fused attention that frame attention runs
+    (tokens x channels, plus the softmax statistics), recompute everything else. That attention is a third
+    or more of a transformer block's FLOPs at SD resolutions; cross-attention (77 keys) and temporal attention
+    (F keys) are cheap to recompute and are not kept. Convolution outputs are recomputed too: on SD1.5 at
+    24 x 512^2 keeping them held 1.2 GB to save 6.8 of 72 TFLOP per step (docs/real-size.md)."""
     policy = torch.utils.checkpoint.CheckpointPolicy
-    if op in _ATTENTION_OPS and args[1].shape[-2] >= args[0].shape[-2]:  # q, k: (b, h, n, d)
-        return policy.MUST_SAVE
-    return policy.PREFER_RECOMPUTE
+    return policy.MUST_SAVE if op in _ATTENTION_OPS and frame_attention.running() else policy.PREFER_RECOMPUTE
 
 
 _ATTENTION_OPS = _attention_ops()
@@ -63,9 +62,9 @@ def _recompute_as_forward(patch, hooks, nested, forward, *args, **kwargs):
 
 
 def _restore_forwards(saved):
-    for module, previous in saved:
+    for module, previous in reversed(saved):
         if previous is None:
-            del module.forward
+            module.__dict__.pop("forward", None)
         else:
             module.forward = previous
 
@@ -120,10 +119,10 @@ class Checkpointing:
         saved, forwards = [], {}
         try:
             for module, nested in self.regions:
+                wrapped = functools.partial(_checkpointed, self.patch, self.selective, module,
+                                            [(m, forwards[m]) for m in nested], module.forward)
                 saved.append((module, module.__dict__.get("forward")))
-                forwards[module] = module.forward = functools.partial(
-                    _checkpointed, self.patch, self.selective, module, [(m, forwards[m]) for m in nested],
-                    module.forward)
+                forwards[module] = module.forward = wrapped
             return executor(*args, **kwargs)
         finally:
             _restore_forwards(saved)

@@ -215,12 +215,19 @@ def test_recompute_all_recomputes_everything_and_tunes_the_same(monkeypatch):
         assert torch.allclose(adapter.lora[key], value, atol=1e-5), key
 
 
-def test_nested_checkpointing_of_multi_block_transformers_tunes_as_without_checkpointing(monkeypatch):
+@pytest.mark.parametrize("attention", ["comfy_default", "sdpa"])
+def test_nested_checkpointing_of_multi_block_transformers_tunes_as_without_checkpointing(monkeypatch, attention):
     """SDXL's transformers hold several blocks: each transformer is one checkpointed region with each block
     and its temporal attention checkpointed inside it, and the backward's recomputation of the transformer
     puts those inner regions back. Same tuning as without checkpointing; dropping the inner regions while
-    recomputing changes what the backward saves and is caught."""
+    recomputing changes what the backward saves and is caught. sdpa (ComfyUI's choice on GPUs): the selective
+    policy keeps the frame-attention outputs inside the nested regions too."""
     tc = tavlib.pack_module("sampling.checkpointing")
+    if attention == "sdpa":
+        import comfy.ldm.modules.attention as comfy_attention
+        monkeypatch.setattr(comfy_attention, "optimized_attention", comfy_attention.attention_pytorch)
+        keep, kept = tc._keep_attention, []
+        monkeypatch.setattr(tc, "_keep_attention", lambda *a, **k: kept.append(keep(*a, **k)) or kept[-1])
     calls = []
     checkpoint = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
@@ -248,6 +255,8 @@ def test_nested_checkpointing_of_multi_block_transformers_tunes_as_without_check
         assert torch.allclose(nested.lora[key], value, atol=1e-5), key
     for key, value in plain.temporal.items():
         assert torch.allclose(nested.temporal[key], value, atol=1e-5), key
+    if attention == "sdpa" and tc._SELECTIVE is not None:
+        assert torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE in kept
     recompute = tc._recompute_as_forward
     monkeypatch.setattr(tc, "_recompute_as_forward",
                         lambda patch, hooks, nested, forward, *a, **k: recompute(patch, hooks, [], forward, *a, **k))

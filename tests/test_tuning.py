@@ -162,7 +162,13 @@ def test_every_trainable_tensor_gets_a_gradient_with_and_without_checkpointing(b
         import comfy.ldm.modules.attention as comfy_attention
         monkeypatch.setattr(comfy_attention, "optimized_attention", comfy_attention.attention_pytorch)
         keep = tc._keep_attention
-        monkeypatch.setattr(tc, "_keep_attention", lambda *a, **k: kept.append(keep(*a, **k)) or kept[-1])
+
+        def policy(ctx, op, *args, **kwargs):  # (decision, query tokens, key tokens or None)
+            is_attention = op in tc._ATTENTION_OPS
+            kept.append((keep(ctx, op, *args, **kwargs), *((args[0].shape[-2], args[1].shape[-2]) if is_attention
+                                                          else (None, None))))
+            return kept[-1][0]
+        monkeypatch.setattr(tc, "_keep_attention", policy)
     grads = {}
     for checkpointing in (False, True):
         calls.clear()
@@ -194,8 +200,16 @@ def test_every_trainable_tensor_gets_a_gradient_with_and_without_checkpointing(b
             tune(base, trainable="attention+temporal", gradient_checkpointing=True)
         assert_no_leftovers(base)
     if attention == "sdpa" and tc._SELECTIVE is not None:
+        # kept: frame attention only (queries: g frames' 8x8 or 4x4 tokens, e.g. frames 0 and 1 share frame
+        # 0's keys; keys: 1 or 2 frames' tokens); recomputed: temporal attention (FRAMES keys), cross-attention
+        # (the prompt's tokens), everything else
         must_save = torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
-        assert must_save in kept and any(p != must_save for p in kept)
+        frame = {(g * n, m * n) for n in (64, 16) for g in range(1, FRAMES + 1) for m in (1, 2)}
+        saved = {(q, k) for decision, q, k in kept if decision == must_save}
+        assert saved and saved <= frame, saved
+        recomputed = {(q, k) for decision, q, k in kept if decision != must_save and q is not None}
+        assert (FRAMES, FRAMES) in recomputed and {k for _, k in recomputed} & {PROMPT.shape[1]}
+        assert not recomputed & frame
 
 
 def test_same_seed_same_result(base):
