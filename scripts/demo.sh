@@ -72,9 +72,10 @@ scripts/env/setup.sh
 PY="${TAV_VENV:-.venv}/bin/python"
 CLIP=$("$PY" scripts/toy_world/make_sample_clip.py out/tav_sample.mp4)  # 2 s, 24 fps, 512x512, deterministic
 
-# Tuning precision: bf16 autocast on a GPU (TAV's default); fp32 on a CPU, where bf16 autocast runs
-# but is slower than fp32. A later --precision in the arguments wins.
-PRECISION=$("$PY" -c "import torch; print('bf16' if torch.cuda.is_available() else 'fp32')")
+# Tuning precision: bf16 autocast on a GPU (TAV's default) and on a CPU with bf16 instructions (AVX512-BF16,
+# AMX); fp32 on other CPUs, where bf16 is emulated and slower. A later --precision in the arguments wins.
+PRECISION=$(cd scripts/toy_world && "$PY" -c "import torch, cpu_threads
+print('bf16' if torch.cuda.is_available() or cpu_threads.fast_bf16() else 'fp32')")
 
 if [ -n "$CKPT" ]; then
   # Tune-A-Video's settings: tune 500 steps (lr 3e-5), 24 frames (every 2nd), 512x512, 50 DDIM steps, cfg 12.5.

@@ -298,3 +298,50 @@ def test_demo_records_the_labelled_strip_in_its_scores_and_reports_each_phase(ti
     err = capsys.readouterr().err
     for phase in ("tuning step 1/1", "inversion step", "sampling step", "thread(s)"):
         assert phase in err, phase
+
+
+def test_edit_precision_is_bf16_only_on_cpus_with_bf16_instructions(tmp_path, monkeypatch):
+    """--precision auto: bf16 autocast where /proc/cpuinfo lists AVX512-BF16 or AMX-BF16 (faster there), else
+    fp32 (bf16 is emulated and slower); the choice reaches the Tune node of the edit graph."""
+    import argparse
+
+    import cpu_threads
+    import toy_world_edit
+
+    info = tmp_path / "cpuinfo"
+    for flags, fast in (("fpu sse avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16", True)):
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert cpu_threads.fast_bf16(str(info)) is fast, flags
+    assert cpu_threads.fast_bf16(str(tmp_path / "missing")) is False
+    for fast, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(cpu_threads, "fast_bf16", lambda fast=fast: fast)
+        assert toy_world_edit.resolve_precision("auto") == want
+        assert toy_world_edit.resolve_precision("fp32") == "fp32"
+    a = argparse.Namespace(steps=2, cfg=3.0, tune_steps=1, precision="bf16", seed=0, position_encoding="on",
+                           strength=0.8, feature_injection=0.5, injection_block=2, lr=2e-4, invert_with="source",
+                           demo=True)
+    graph = toy_world_edit.edit_graph("clip", "toy.safetensors", "a green ring", "a yellow ring", a)
+    (tune,) = [n for n in graph.values() if n["class_type"] == "TuneAVideoTune"]
+    assert tune["inputs"]["precision"] == "bf16"
+
+
+def test_threads_follow_the_cores_busy_now_not_a_lagging_load_average(tmp_path, monkeypatch):
+    """Free cores = cores - min(1-minute load average, cores busy now from /proc/stat): right after a job ends
+    (the demo's environment install) the average still says busy, the cores are idle."""
+    import cpu_threads
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 50 0 50 400 0 0 0 0 0 0\n")
+    before = cpu_threads._cpu_times(str(stat))
+    stat.write_text("cpu  250 0 150 1000 0 0 0 0 0 0\n")  # +200 busy, +200 idle jiffies over 2 cores: 1 busy
+    after = cpu_threads._cpu_times(str(stat))
+    assert before == (800, 1000) and after == (1000, 1400)
+    assert cpu_threads.busy_cores(before, after, 2) == pytest.approx(1.0)
+    assert cpu_threads._cpu_times(str(tmp_path / "missing")) is None
+    assert [cpu_threads.free_cores(2, x) for x in (0.0, 0.4, 0.6, 1.5, 3.0)] == [2, 2, 1, 1, 1]
+    times = iter([(0, 0), (180, 200)])  # 10 % of 2 cores busy over the sample
+    monkeypatch.setattr(cpu_threads, "_cpu_times", lambda: next(times))
+    monkeypatch.setattr(cpu_threads, "load", lambda: 1.22)  # the average still counts a finished job
+    assert cpu_threads.current_load(2, interval=0) == pytest.approx(0.2)
+    monkeypatch.setattr(cpu_threads, "_cpu_times", lambda: None)  # no /proc/stat: the average
+    assert cpu_threads.current_load(2, interval=0) == 1.22

@@ -66,7 +66,7 @@ def edit_graph(clip_dir: str, ckpt: str, source_prompt: str, edited: str, a) -> 
     p = workflow_substitute.substitute(json.loads(WORKFLOW.read_text()), video=clip_dir, positive=edited,
                                 source_prompt=source_prompt, checkpoint=ckpt, frames=FRAMES, width=SIZE,
                                 height=SIZE, steps=a.steps, cfg=a.cfg, tune_steps=a.tune_steps,
-                                precision="fp32", seed=a.seed, filename_prefix="toy_world/tune_edit")
+                                precision=a.precision, seed=a.seed, filename_prefix="toy_world/tune_edit")
     (load,) = workflow_substitute.nodes_of(p, "TuneAVideoLoadFrames")
     (tune,) = workflow_substitute.nodes_of(p, "TuneAVideoTune")
     (sampler,) = workflow_substitute.nodes_of(p, "TuneAVideoSampler")
@@ -213,6 +213,12 @@ def summary_line(r) -> str:
             + (f"; video {r['video']}" if r.get("video") else ""))
 
 
+def resolve_precision(choice: str) -> str:
+    """--precision: auto is bf16 autocast on a CPU with bf16 instructions (0.8 s against 1.4 s of CPU per tuning
+    step on this UNet), else fp32."""
+    return ("bf16" if cpu_threads.fast_bf16() else "fp32") if choice == "auto" else choice
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", action="store_true", help="one edit only: a green ring on an arc")
@@ -226,6 +232,8 @@ def main(argv=None) -> int:
     # Toy settings (README, the toy world): TAV's 500 steps at 3e-5 and cfg 12.5 are for SD1.5 at 512 px
     p.add_argument("--tune-steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=2e-4, help="tuning learning rate")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="tuning precision (auto: bf16 autocast where the CPU has bf16 instructions, else fp32)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (inversion and sampling)")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--invert-with", choices=("source", "empty"), default="source",
@@ -256,6 +264,7 @@ def main(argv=None) -> int:
             build_toy_world.load_pack_modules()[0].parse_prompt(a.prompt)
         except ValueError as e:
             p.error(f"--prompt: {e}")
+    a.precision = resolve_precision(a.precision)
     a.base_dir = a.base_dir.resolve()
     a.out = a.base_dir.parent
     a.out.mkdir(parents=True, exist_ok=True)
