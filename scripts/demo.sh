@@ -13,7 +13,7 @@ adapter and the video were written. The first run builds .venv (CPU PyTorch, Com
 and fetches ComfyUI 0.3.75 into .cache; nothing comes from model hubs.
 
   (no --ckpt)      the toy world (docs/toy-world.md): builds its checkpoint on the first run
-                   (about 12 min on 2 idle cores, resumable; cached in .cache/toy_world/), tunes on a green ring moving
+                   (about 14 min on 2 idle cores, resumable; cached in .cache/toy_world/), tunes on a green ring moving
                    along an arc, edits it to --prompt (default "a yellow ring"; any "a <red|green|
                    blue|yellow> <circle|ring|bar>") and prints the edit's scores. Other options
                    go to scripts/toy_world/toy_world_edit.py (--tune-steps, --lr, --steps, --cfg, --invert-with,
@@ -54,7 +54,7 @@ done
 [ -n "$CKPT" ] && [ "$RANDOM_CKPT" = 1 ] && die "give --ckpt or --random, not both"
 if [ -z "$CKPT" ] && [ "$RANDOM_CKPT" = 0 ]; then
   scripts/env/setup.sh
-  echo "No --ckpt given: the toy world (the first run builds its checkpoint, about 12 min on 2 idle cores;" >&2
+  echo "No --ckpt given: the toy world (the first run builds its checkpoint, about 14 min on 2 idle cores;" >&2
   echo "interrupted, the build resumes from its last saved step when run again)." >&2
   exec "${TAV_VENV:-.venv}/bin/python" scripts/toy_world/toy_world_edit.py --demo ${PROMPT:+--prompt "$PROMPT"} \
     ${THREADS:+--threads "$THREADS"} ${EXTRA[@]+"${EXTRA[@]}"}
