@@ -227,7 +227,8 @@ def test_toy_world_edit_graph_runs_every_method(server, random_checkpoint):
     import toy_world_edit
 
     a = argparse.Namespace(demo=False, steps=2, cfg=3.0, tune_steps=2, lr=1e-4, seed=0, invert_with="source",
-                           position_encoding="on", strength=0.5, feature_injection=0.8, injection_block=2)
+                           position_encoding="on", strength=0.5, feature_injection=0.8, injection_block=2,
+                           precision="fp32")
     (colour, shape, kind), targets = toy_world_edit.EDITS[0]
     source, clip_dir = toy_world_edit.write_clip(server.base_dir, colour, shape, kind)
     results, clips = toy_world_edit.edit_once(server, a, random_checkpoint.name, source, clip_dir, colour,
