@@ -74,7 +74,7 @@ CLIP=$("$PY" scripts/toy_world/make_sample_clip.py out/tav_sample.mp4)  # 2 s, 2
 
 # Tuning precision: bf16 autocast on a GPU (TAV's default) and on a CPU with bf16 instructions (AVX512-BF16,
 # AMX); fp32 on other CPUs, where bf16 is emulated and slower. A later --precision in the arguments wins.
-PRECISION=$(cd scripts/toy_world && "$PY" -c "import torch, cpu_threads
+PRECISION=$(PYTHONPATH=scripts/toy_world "$PY" -c "import torch, cpu_threads
 print('bf16' if torch.cuda.is_available() or cpu_threads.fast_bf16() else 'fp32')")
 
 if [ -n "$CKPT" ]; then

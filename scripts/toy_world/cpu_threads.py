@@ -69,12 +69,13 @@ def free_cores(n_cores: int | None = None, load_avg: float | None = None) -> int
 def choose(requested: int | None = None, log=None, what: str = "this job") -> int:
     """`requested` (clamped to 1..cores) or free_cores(); logs the load, the cores and the choice."""
     n, avg = cores(), load()
-    now = current_load(n)
-    threads = max(1, min(n, requested)) if requested else free_cores(n, now)
-    how = "as asked" if requested else "one per free core"
+    if requested:
+        threads, how = max(1, min(n, requested)), "as asked"
+    else:  # the half-second sample only where it decides
+        now = current_load(n)
+        threads, how = free_cores(n, now), f"one per free core; {now:.2f} busy now"
     (log or (lambda s: print(s, file=sys.stderr, flush=True)))(
-        f"{what}: load {avg:.2f} (1-min average), {now:.2f} now, on {n} cores -> {threads} thread(s) ({how}; "
-        "--threads N to choose)")
+        f"{what}: load {avg:.2f} (1-min average) on {n} cores -> {threads} thread(s) ({how}; --threads N to choose)")
     return threads
 
 
